@@ -1,0 +1,79 @@
+"""The one place asd runs other programs (through the `sh` library).
+
+Every call is logged at debug level as a line that can be pasted into a shell, runs with
+``LC_ALL=C`` and stdin from /dev/null, names the exit codes it accepts, and fails with a
+single exception type, `CommandError`, that carries argv, exit code, stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import sh
+
+from asd.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_")}
+    env["LC_ALL"] = "C"
+    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: list[str],
+    *,
+    ok_codes: Collection[int] = (0,),
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> Result:
+    """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``."""
+    log.debug("run: %s", shlex.join(argv))
+    try:
+        program = sh.Command(argv[0])
+    except sh.CommandNotFound:
+        raise CommandError(
+            argv,
+            None,
+            message=f"{argv[0]} is not installed (or not on PATH); install it and try again.",
+        ) from None
+    try:
+        proc = program(
+            *argv[1:],
+            _env=command_env(env),
+            _cwd=cwd,
+            _in=os.devnull,
+            _ok_code=list(ok_codes),
+            _return_cmd=True,
+            _decode_errors="surrogateescape",
+        )
+    except sh.ErrorReturnCode as exc:
+        raise CommandError(
+            argv,
+            exc.exit_code,
+            exc.stdout.decode("utf-8", "surrogateescape"),
+            exc.stderr.decode("utf-8", "surrogateescape"),
+        ) from None
+    except sh.SignalException as exc:  # pragma: no cover - sh raises subclasses above
+        raise CommandError(argv, exc.exit_code, message=f"{argv[0]} was killed") from None
+    result = Result(argv, int(proc.exit_code), str(proc), proc.stderr.decode("utf-8", "replace"))
+    if result.exit_code != 0:
+        log.debug("%s exited %d (accepted)", argv[0], result.exit_code)
+    return result
