@@ -137,9 +137,10 @@ def tmpfs(target: Path, options: str) -> list[str]:
 
 
 def overlay(lower: Path, upper: Path, work: Path, target: Path) -> list[str]:
-    # Plain overlay semantics only: no redirects, no metacopy, no index, so the upper layer
-    # holds ordinary files and whiteouts and never refers back into the lower by path.
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off,index=off"
+    # index=on keeps hard links whole when one of them is copied up; redirect_dir=on lets
+    # programs rename directories that came from the lower layer (EXDEV otherwise). Both are
+    # safe here because asd never changes the lower layer while it is mounted.
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=on,index=on,metacopy=off"
     return ["mount", "-t", "overlay", "-o", opts, "asd-overlay", str(target)]
 
 

@@ -1,0 +1,128 @@
+"""Every path asd uses, derived from a target, VOLATILE and the config's instance. Pure.
+
+For a target ``/foo/bar`` and the default config:
+
+- ``/foo/.bar-backup_asd``          the disk copy, bind-mounted beside the target (upstream's name)
+- ``VOLATILE/asd-root/foo/bar``     the RAM copy (copy mode) or the overlay's merged view
+- ``VOLATILE/asd-root/.overlay/foo/bar/{upper,work}``  overlay mode's RAM layers
+- ``<disk copy>/.asd-work/``        asd's journal inside the disk copy: session marker, staged
+                                    files of a resync, commit record, overlay mode's lower tree.
+                                    Hidden under the RAM copy while asd runs; removed by a clean
+                                    stop or by the recovery at the next start.
+- ``/run/asd/<instance>.json`` and ``.lock``   run state and lock
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("/etc/asd.conf")
+RUN_DIR = Path("/run/asd")
+WORK_NAME = ".asd-work"
+SNAPSHOT_MARK = "-backup_asd-crashrecovery-"
+
+
+def instance_name(config_path: Path) -> str:
+    """``asd`` for /etc/asd.conf, ``asd-<hash>`` for any other config (independent instances)."""
+    if config_path == DEFAULT_CONFIG:
+        return "asd"
+    digest = hashlib.sha256(str(config_path).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"asd-{digest[:10]}"
+
+
+def hidden_name(name: str) -> str:
+    """Upstream's dot rule: ``bar`` → ``.bar``, ``.cache`` stays ``.cache``."""
+    return name if name.startswith(".") else f".{name}"
+
+
+@dataclass(frozen=True)
+class Instance:
+    config_path: Path
+    volatile: Path
+    run_dir: Path = RUN_DIR
+
+    @property
+    def name(self) -> str:
+        return instance_name(self.config_path)
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / f"{self.name}.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run_dir / f"{self.name}.lock"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.run_dir / f"{self.name}.index"
+
+    @property
+    def ram_root(self) -> Path:
+        suffix = "" if self.name == "asd" else self.name[3:]
+        return self.volatile / f"asd-root{suffix}"
+
+    def target(self, target: Path) -> TargetLayout:
+        return TargetLayout(self, target)
+
+
+@dataclass(frozen=True)
+class TargetLayout:
+    instance: Instance
+    target: Path
+
+    @property
+    def _rel(self) -> Path:
+        return self.target.relative_to("/")
+
+    @property
+    def backup(self) -> Path:
+        return self.target.parent / f"{hidden_name(self.target.name)}-backup_asd"
+
+    @property
+    def ram_copy(self) -> Path:
+        return self.instance.ram_root / self._rel
+
+    @property
+    def overlay_dir(self) -> Path:
+        return self.instance.ram_root / ".overlay" / self._rel
+
+    @property
+    def upper(self) -> Path:
+        return self.overlay_dir / "upper"
+
+    @property
+    def overlay_work(self) -> Path:
+        return self.overlay_dir / "work"
+
+    @property
+    def disk_work(self) -> Path:
+        """asd's journal directory inside the disk copy, reached through the backup bind."""
+        return self.backup / WORK_NAME
+
+    @property
+    def session_marker(self) -> Path:
+        return self.disk_work / "session.json"
+
+    @property
+    def stage(self) -> Path:
+        return self.disk_work / "stage"
+
+    @property
+    def commit_record(self) -> Path:
+        return self.disk_work / "commit.json"
+
+    @property
+    def lower(self) -> Path:
+        return self.disk_work / "lower"
+
+    @property
+    def index_file(self) -> Path:
+        digest = hashlib.sha256(str(self.target).encode("utf-8", "surrogateescape")).hexdigest()
+        return self.instance.index_dir / f"{digest[:16]}.json"
+
+    @property
+    def snapshot_prefix(self) -> str:
+        return f"{hidden_name(self.target.name)}{SNAPSHOT_MARK}"

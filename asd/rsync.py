@@ -1,0 +1,39 @@
+"""rsync command lines, as data. Executing them is `asd.run`'s job; exit-code meaning is here.
+
+Flags, and why:
+  -a            recursive, symlinks, permissions, times, owner, group, devices
+  -H            hard links within the tree stay hard links
+  -A -X         POSIX ACLs and extended attributes
+  -S            sparse files stay sparse (no ballooning in RAM, log2ram PR #217)
+  --numeric-ids owners by number: the RAM copy and the disk copy are the same machine
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BASE_FLAGS = ("-aHAXS", "--numeric-ids")
+VANISHED = 24  # "some files vanished before they could be transferred": a browser pruning its cache
+
+
+def copy_tree(src: Path, dst: Path, *, exclude_top: tuple[str, ...] = ()) -> list[str]:
+    """Copy the contents of ``src`` into ``dst`` (``dst`` takes ``src``'s own attributes)."""
+    argv = ["rsync", *BASE_FLAGS]
+    argv += [f"--exclude=/{name}" for name in exclude_top]
+    return [*argv, f"{src}/", f"{dst}/"]
+
+
+def link_tree(src: Path, dst: Path, *, exclude_top: tuple[str, ...] = ()) -> list[str]:
+    """A tree at ``dst`` whose regular files are hard links to ``src``'s (no data copied)."""
+    argv = ["rsync", *BASE_FLAGS, f"--link-dest={src}"]
+    argv += [f"--exclude=/{name}" for name in exclude_top]
+    return [*argv, f"{src}/", f"{dst}/"]
+
+
+def copy_listed(src: Path, dst: Path, list_file: Path) -> list[str]:
+    """Copy exactly the NUL-separated relative paths in ``list_file`` (no recursion)."""
+    return ["rsync", *BASE_FLAGS, "--from0", f"--files-from={list_file}", f"{src}/", f"{dst}/"]
+
+
+def ok_codes(*, allow_vanished: bool) -> tuple[int, ...]:
+    return (0, VANISHED) if allow_vanished else (0,)

@@ -1,0 +1,136 @@
+"""Reading directory trees: the index of a RAM copy, what changed since, sizes, hard links.
+
+An index maps each path relative to the tree's root ("" is the root) to the lstat fields that
+change whenever content or metadata change (ctime moves on every write, chmod, chown, xattr
+and ACL change, and link count change). Comparing a fresh walk of the RAM copy with the index
+taken at the last sync point tells what to write back without reading the disk at all.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# (file type bits, inode, mode, uid, gid, size, mtime_ns, ctime_ns, nlink, rdev)
+Entry = tuple[int, int, int, int, int, int, int, int, int, int]
+Index = dict[str, Entry]
+
+
+def entry_of(st: os.stat_result) -> Entry:
+    return (
+        stat.S_IFMT(st.st_mode),
+        st.st_ino,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_nlink,
+        st.st_rdev,
+    )
+
+
+def walk(root: Path, exclude_top: frozenset[str] = frozenset()) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry under ``root`` (not following symlinks, not crossing into other mounts)."""
+    top = os.lstat(root)
+    yield "", top
+    stack: list[tuple[str, str]] = [("", os.fspath(root))]
+    while stack:
+        rel, path = stack.pop()
+        with os.scandir(path) as it:
+            for de in it:
+                if not rel and de.name in exclude_top:
+                    continue
+                sub = f"{rel}/{de.name}" if rel else de.name
+                st = de.stat(follow_symlinks=False)
+                yield sub, st
+                if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
+                    stack.append((sub, de.path))
+
+
+def index(root: Path, exclude_top: frozenset[str] = frozenset()) -> Index:
+    return {rel: entry_of(st) for rel, st in walk(root, exclude_top)}
+
+
+def is_dir(entry: Entry) -> bool:
+    return entry[0] == stat.S_IFDIR
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a resync must do to bring the disk copy from ``old`` to ``new``."""
+
+    deleted: tuple[str, ...]  # paths gone (or changed type): remove from the disk copy
+    files: tuple[str, ...]  # non-directories new or changed: copy whole, replace by rename
+    dirs: tuple[str, ...]  # directories new or changed, and parents of anything touched
+
+    @property
+    def empty(self) -> bool:
+        return not (self.deleted or self.files or self.dirs)
+
+    def count(self) -> int:
+        return len(self.deleted) + len(self.files)
+
+
+def parent_of(rel: str) -> str:
+    return rel.rpartition("/")[0]
+
+
+def diff(old: Index, new: Index) -> Changes:
+    deleted = []
+    files = []
+    dirs: set[str] = set()
+    for rel, entry in old.items():
+        now = new.get(rel)
+        if now is None or now[0] != entry[0]:
+            deleted.append(rel)
+            if rel:
+                dirs.add(parent_of(rel))
+    for rel, entry in new.items():
+        before = old.get(rel)
+        if before == entry and before is not None:
+            continue
+        if is_dir(entry):
+            dirs.add(rel)
+        else:
+            files.append(rel)
+        if rel:
+            dirs.add(parent_of(rel))
+    # A deleted directory takes everything below it: keep only the topmost deletions.
+    deleted.sort()
+    top: list[str] = []
+    for rel in deleted:
+        if top and rel.startswith(top[-1] + "/"):
+            continue
+        top.append(rel)
+    # Parents of changes must exist in the new tree (a deleted parent is itself deleted).
+    dirs = {d for d in dirs if d in new and is_dir(new[d])}
+    return Changes(tuple(top), tuple(sorted(files)), tuple(sorted(dirs)))
+
+
+def disk_usage(root: Path, exclude_top: frozenset[str] = frozenset()) -> int:
+    """Bytes allocated (st_blocks) under root, each hard-linked inode once."""
+    seen: set[int] = set()
+    total = 0
+    for _rel, st in walk(root, exclude_top):
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+        total += st.st_blocks * 512
+    return total
+
+
+def outside_links(root: Path, exclude_top: frozenset[str] = frozenset()) -> list[str]:
+    """Files with hard links outside ``root`` (the RAM copy would split them)."""
+    counts: dict[int, list[str | int]] = {}
+    for rel, st in walk(root, exclude_top):
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            rec = counts.setdefault(st.st_ino, [rel, st.st_nlink, 0])
+            rec[2] = int(rec[2]) + 1
+    return sorted(str(r[0]) for r in counts.values() if int(r[2]) < int(r[1]))
+
