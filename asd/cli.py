@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if debug else logging.WARNING,
         format="asd: %(levelname)s: %(message)s",
     )
+    logging.getLogger("sh").setLevel(logging.WARNING)  # sh's own tracing is not for users
     out = Output()
 
     def interrupted(signum: int, _frame: FrameType | None) -> None:

@@ -29,9 +29,12 @@ def was_unclean(target: Path) -> bool:
 
 
 def mark_session(target: Path, info: dict[str, object]) -> None:
+    """Write the marker; the target keeps its times (asd's own directory is not a change)."""
+    before = os.lstat(target)
     work = target / WORK_NAME
     work.mkdir(mode=0o700, exist_ok=True)
     write_json_atomic(work / "session.json", info)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
 
 
 def clear_session(target: Path, root_mtime_ns: int | None) -> None:

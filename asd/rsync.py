@@ -6,13 +6,16 @@ Flags, and why:
   -A -X         POSIX ACLs and extended attributes
   -S            sparse files stay sparse (no ballooning in RAM, log2ram PR #217)
   --numeric-ids owners by number: the RAM copy and the disk copy are the same machine
+  --modify-window=-1  compare times to the nanosecond: with the default whole-second
+                compare, rsync leaves a directory's fresh mtime alone when the source's
+                differs only in the fraction of the same second
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-BASE_FLAGS = ("-aHAXS", "--numeric-ids")
+BASE_FLAGS = ("-aHAXS", "--numeric-ids", "--modify-window=-1")
 VANISHED = 24  # "some files vanished before they could be transferred": a browser pruning its cache
 
 

@@ -1,0 +1,196 @@
+"""sync → use → resync → unsync, in copy and overlay mode, checked on disk and in RAM."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+import sys
+
+from tests.integration.conftest import CHANGES, World, populate
+from tests.integration.manifest import manifest
+
+
+def inside_manifest(world: World, path: os.PathLike[str]) -> dict[str, object]:
+    code = (
+        "import pickle, sys; from pathlib import Path; "
+        "from tests.integration.manifest import manifest; "
+        f"sys.stdout.write(pickle.dumps(manifest(Path({str(path)!r}))).hex())"
+    )
+    proc = world.run([sys.executable, "-c", code], check=True)
+    data: dict[str, object] = pickle.loads(bytes.fromhex(proc.stdout))  # noqa: S301 - our own output
+    return data
+
+
+def test_full_cycle_is_transparent_and_lands_on_disk(world: World) -> None:
+    target = world.target("home/user/.cache")
+    populate(target)
+    before = manifest(target)
+    world.write_conf(target)
+
+    synced = world.asd("sync", check=True)
+    assert "now served from RAM" in synced.stdout
+    assert inside_manifest(world, target) == before, "the RAM copy differs from the disk copy"
+    assert world.mounted_at(target) == 1
+    backup = target.parent / ".cache-backup_asd"
+    assert world.mounted_at(backup) == 1, "disk copy not reachable beside it"
+
+    world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
+    in_ram = inside_manifest(world, target)
+    assert in_ram != before
+    assert manifest(target) == before, "writes reached the disk before any resync"
+
+    world.asd("resync", check=True)
+    assert manifest(target) == in_ram, "after resync the disk copy is not what RAM holds"
+    assert not (target / ".asd-work" / "stage").exists()
+    idle = world.asd("resync", check=True)
+    assert "nothing changed" in idle.stdout
+
+    world.asd("unsync", check=True)
+    assert manifest(target) == in_ram
+    assert inside_manifest(world, target) == in_ram
+    assert world.asd_mounts() == []
+    assert not backup.exists()
+    assert not (target / ".asd-work").exists()
+    assert os.listdir(world.volatile) == [] or not inside_listdir(world, world.volatile)
+    sparse = os.lstat(target / "sparse.img")
+    assert sparse.st_blocks * 512 < 1024 * 1024, "the sparse file was filled in"
+    assert os.lstat(target / "b-link").st_ino == os.lstat(target / "docs/deep/er/b.txt").st_ino
+
+
+def inside_listdir(world: World, path: os.PathLike[str]) -> list[str]:
+    out = world.run(["ls", "-A", str(path)], check=True).stdout.split()
+    return out
+
+
+def test_nothing_left_in_volatile_after_unsync(world: World) -> None:
+    target = world.target("srv/http")
+    (target / "index.html").write_text("hi")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    assert inside_listdir(world, world.volatile) == ["asd-root-" + world_instance(world)]
+    world.asd("unsync", check=True)
+    assert inside_listdir(world, world.volatile) == []
+    # Only the lock file stays (removing a lock file races the next locker); no run state.
+    assert [n for n in inside_listdir(world, "/run/asd") if not n.endswith(".lock")] == []
+
+
+def world_instance(world: World) -> str:
+    from asd.layout import instance_name
+
+    return instance_name(world.conf)[4:]
+
+
+def test_ram_copy_is_private_and_keeps_owner_and_mode(world: World) -> None:
+    target = world.target("var/lib/app")
+    os.chown(target, 1234, 1234)
+    os.chmod(target, 0o700)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    root = world.volatile / ("asd-root-" + world_instance(world))
+    st = world.run(["stat", "-c", "%u %a", str(root), str(target)], check=True).stdout.split()
+    assert st[:2] == ["0", "700"], "asd's RAM directory must be root-only"
+    assert st[2:] == ["1234", "700"], "the RAM copy must keep the target's owner and mode"
+
+
+def test_parse_json_reports_targets(world: World) -> None:
+    t1 = world.target("a/one")
+    t2 = world.target("a/.two")
+    (t1 / "f").write_bytes(b"x" * 10000)
+    world.write_conf(t1, t2)
+    doc = json.loads(world.asd("parse", "--json", check=True).stdout)
+    assert set(doc) >= {"targets", "volatile"}
+    paths = [t["path"] for t in doc["targets"]]
+    assert paths == [str(t1), str(t2)]
+    first, second = doc["targets"]
+    assert first["backup"] == str(t1.parent / ".one-backup_asd")
+    assert second["backup"] == str(t2.parent / ".two-backup_asd")
+    assert first["size_bytes"] >= 10000
+    assert first["snapshots"] == [] and isinstance(first["warnings"], list)
+    assert first["in_ram"] is False and doc["running"] is False
+    world.asd("sync", check=True)
+    doc = json.loads(world.asd("p", "--json", check=True).stdout)
+    assert doc["running"] is True and doc["targets"][0]["in_ram"] is True
+    text = world.asd("preview", check=True).stdout
+    assert str(t1) in text and "in RAM" in text
+
+
+def test_dry_run_changes_nothing(world: World) -> None:
+    target = world.target("x/y")
+    (target / "f").write_text("1")
+    world.write_conf(target)
+    before = manifest(target)
+    out = world.asd("sync", "--dry-run", check=True)
+    assert "would" in out.stdout and str(target) in out.stdout
+    assert world.asd_mounts() == [] and manifest(target) == before
+    world.asd("sync", check=True)
+    world.sh(f"echo 2 > {target}/f; echo 3 > {target}/g")
+    out = world.asd("resync", "--dry-run", check=True)
+    assert "2 files" in out.stdout
+    assert (target / "f").read_text() == "1", "dry-run resync wrote to disk"
+    out = world.asd("unsync", "--dry-run", check=True)
+    assert "would unmount" in out.stdout
+    assert world.mounted_at(target) == 1
+
+
+def test_second_sync_is_a_no_op_and_resync_without_sync_fails(world: World) -> None:
+    target = world.target("t")
+    world.write_conf(target)
+    failed = world.asd("resync")
+    assert failed.returncode == 1 and "not running" in failed.stderr
+    world.asd("sync", check=True)
+    again = world.asd("sync", check=True)
+    assert "already" in again.stdout
+    assert world.mounted_at(target) == 1
+
+
+def test_concurrent_runs_wait_for_the_lock(world: World) -> None:
+    target = world.target("t")
+    (target / "f").write_text("1")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    lock = "/run/asd/" + ("asd-" + world_instance(world)) + ".lock"
+    holder = world.spawn(["flock", lock, "sleep", "3"])
+    try:
+        out = world.asd("resync", check=True)
+    finally:
+        holder.wait()
+    assert "waiting for" in out.stdout
+    parse = world.asd("parse", check=True)
+    assert parse.returncode == 0
+
+
+def test_unsync_refuses_while_files_are_open_and_force_names_them(world: World) -> None:
+    target = world.target("logs")
+    (target / "app.log").write_text("start\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    writer = world.spawn(
+        ["sh", "-c", f"exec 3>>{target}/app.log; echo opened >&3; sleep 1.5; echo late >&3; sleep 30"]
+    )
+    import time
+
+    time.sleep(0.5)
+    refused = world.asd("unsync")
+    assert refused.returncode == 1
+    assert f"pid" in refused.stderr and "app.log" in refused.stderr
+    assert world.mounted_at(target) == 1, "the refused unsync unmounted the target"
+    assert "opened" in (target / "app.log").read_text(), "refused unsync did not resync"
+    time.sleep(1.5)
+    forced = world.asd("unsync", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "lost" in forced.stderr and "sh" in forced.stderr
+    assert (target / "app.log").read_text() == "start\nopened\nlate\n"
+    assert world.asd_mounts() == []
+    writer.kill()
+
+
+def test_service_style_exit_codes(world: World) -> None:
+    target = world.target("t")
+    world.write_conf(target)
+    assert world.asd("--version", check=True).stdout.startswith("asd ")
+    assert world.asd("bogus").returncode == 2
+    assert world.asd("sync", check=True).returncode == 0
+    st = os.stat(world.conf)
+    assert stat.S_ISREG(st.st_mode)
