@@ -4,7 +4,9 @@
 # Reuses a running engine; otherwise installs Debian's docker.io (when dockerd is
 # missing) and starts `dockerd --bridge=none --iptables=false`: no default bridge and
 # no firewall rules, so no network with an address beyond loopback ever exists. Every
-# container this project runs uses --network none.
+# container this project runs uses --network none. --default-cgroupns-mode=host lets
+# systemd in a container see the cgroup tree it is given at /sys/fs/cgroup (compose v1
+# cannot ask for that per container).
 set -eu
 
 log=${ASD_DOCKERD_LOG:-/var/log/asd-dockerd.log}
@@ -23,7 +25,8 @@ fi
 if ! docker info >/dev/null 2>&1; then
     echo "engine: starting dockerd --bridge=none --iptables=false (log: $log)" >&2
     mkdir -p "$(dirname "$log")"
-    setsid dockerd --bridge=none --iptables=false --ip6tables=false >>"$log" 2>&1 </dev/null &
+    setsid dockerd --bridge=none --iptables=false --ip6tables=false \
+        --default-cgroupns-mode=host >>"$log" 2>&1 </dev/null &
     i=0
     until docker info >/dev/null 2>&1; do
         i=$((i + 1))

@@ -1,0 +1,72 @@
+# System integration targets, included by the top-level Makefile:
+#
+#   include packaging.mk
+#
+# images          build (or reuse) the trixie container images        docker/images.sh
+# deb             out/deb/: .deb, .changes, lintian-clean, an apt repo  docker/build.sh deb
+# arch            out/arch/: the Arch package, built with makepkg      docker/build.sh arch
+# test-container  the container tier (pytest -m container tests/container)
+# install         install from source into $(DESTDIR)$(PREFIX)
+#
+# Every target installs what it needs with apt-get; the container targets start a
+# Docker engine (Debian's docker.io, dockerd --bridge=none) when none answers.
+
+PYTHON3 ?= python3
+VENV_PYTHON ?= .venv/bin/python
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+# systemd looks for units and generators under /usr/local/lib too
+SYSTEMD_UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSTEMD_GENERATORDIR ?= $(PREFIX)/lib/systemd/system-generators
+ASD_LIBDIR ?= $(PREFIX)/lib/asd
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
+APT_GET = DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+ASD_UNITS = asd.service asd-resync.service asd-resync.timer asd-sleep.service
+
+.PHONY: images deb arch test-container install compose
+
+images:
+	docker/images.sh all
+
+deb:
+	docker/build.sh deb
+
+arch:
+	docker/build.sh arch
+
+# pytest-docker drives `docker compose` (v2) or Debian's docker-compose (v1).
+compose:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 \
+		|| $(APT_GET) docker-compose
+
+test-container: compose deb arch
+	docker/engine.sh
+	ASD_PACKAGES_BUILT=1 $(VENV_PYTHON) -m pytest -m container tests/container
+
+install:
+	$(APT_GET) python3-build python3-installer python3-wheel python3-setuptools
+	@if [ -z "$(DESTDIR)" ]; then \
+		$(APT_GET) python3-sh python3-pyudev rsync zstd tar util-linux; fi
+	rm -rf build/install-wheel
+	$(PYTHON3) -m build --wheel --no-isolation --outdir build/install-wheel .
+	$(PYTHON3) -m installer --destdir="$(DESTDIR)/" --prefix="$(PREFIX)" build/install-wheel/*.whl
+	install -d "$(DESTDIR)$(SYSTEMD_UNITDIR)" "$(DESTDIR)$(SYSTEMD_GENERATORDIR)" "$(DESTDIR)$(ASD_LIBDIR)"
+	for u in $(ASD_UNITS); do \
+		sed -e 's|/usr/bin/asd|$(PREFIX)/bin/asd|g' -e 's|/usr/lib/asd/|$(ASD_LIBDIR)/|g' systemd/$$u >"$(DESTDIR)$(SYSTEMD_UNITDIR)/$$u" \
+		&& chmod 644 "$(DESTDIR)$(SYSTEMD_UNITDIR)/$$u"; done
+	install -m755 systemd/asd-generator "$(DESTDIR)$(SYSTEMD_GENERATORDIR)/asd-generator"
+	install -Dm755 systemd/asd-has-targets "$(DESTDIR)$(ASD_LIBDIR)/asd-has-targets"
+	install -Dm644 man/asd.1 "$(DESTDIR)$(MANDIR)/man1/asd.1"
+	ln -sf asd.1 "$(DESTDIR)$(MANDIR)/man1/anything-sync-daemon.1"
+	install -Dm644 man/asd.conf.5 "$(DESTDIR)$(MANDIR)/man5/asd.conf.5"
+	install -Dm644 completions/bash/asd "$(DESTDIR)$(BASHCOMPDIR)/asd"
+	ln -sf asd "$(DESTDIR)$(BASHCOMPDIR)/anything-sync-daemon"
+	install -Dm644 completions/zsh/_asd "$(DESTDIR)$(ZSHCOMPDIR)/_asd"
+	@# never overwrite a configuration someone has edited
+	@if [ -e "$(DESTDIR)$(SYSCONFDIR)/asd.conf" ]; then \
+		echo "keeping existing $(DESTDIR)$(SYSCONFDIR)/asd.conf"; \
+	else install -Dm644 packaging/asd.conf "$(DESTDIR)$(SYSCONFDIR)/asd.conf"; fi
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
