@@ -385,7 +385,9 @@ def _read_members(fd: int, label: Path) -> list[Member]:
     finally:
         thread.join()
     if failed:
-        raise _reworded(failed[0], f"Could not decompress {label}; it may be damaged, so try an older one")
+        raise _reworded(
+            failed[0], f"Could not decompress {label}; it may be damaged, so try an older one"
+        )
     if error is not None:
         raise SafetyError(f"Refusing {label}: it is not a readable tar archive ({error}).")
     return members
