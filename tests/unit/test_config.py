@@ -495,3 +495,10 @@ def test_check_paths_reports_every_problem_at_once(tmp_path: Path) -> None:
 def test_module_does_not_import_a_process_runner() -> None:
     source = Path(config.__file__).read_text()
     assert "subprocess" not in source and "import sh" not in source and "asd.run" not in source
+
+
+def test_check_paths_reports_a_path_it_cannot_look_at(tmp_path: Path, ram: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    conf = Config(CONF, (tmp_path / "file" / "x",), ram)
+    [problem] = problems_for(conf, table((ram, "tmpfs", "t")))
+    assert f"cannot look at WHATTOSYNC entry {tmp_path / 'file' / 'x'}: Not a directory" in problem
