@@ -154,17 +154,17 @@ class Config:
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Config:
-        values: dict[str, object] = {}
-        problems = []
-        for key, kind in (("path", "path"), *((s.field, s.kind) for s in SETTINGS)):
-            values[key] = _from_json_value(kind, data.get(key))
-            if values[key] is None:
-                problems.append(
-                    f"the saved configuration has an invalid {key}: {data.get(key)!r}; "
-                    "the run state is damaged or was written by another version of asd"
-                )
-        if problems:
-            raise ConfigError(problems)
+        """The inverse of to_json, for the configuration kept in the run state."""
+        kinds: dict[str, Kind] = {"path": "path", **{s.field: s.kind for s in SETTINGS}}
+        values = {key: _from_json_value(kind, data.get(key)) for key, kind in kinds.items()}
+        if bad := [key for key, value in values.items() if value is None]:
+            hint = "the run state is damaged or was written by another version of asd"
+            raise ConfigError(
+                [
+                    f"the saved configuration has an invalid {key}: {data.get(key)!r}; {hint}"
+                    for key in bad
+                ]
+            )
         return cls(**values)  # type: ignore[arg-type]  # each value was checked against its kind
 
 
