@@ -200,7 +200,10 @@ class _Walk:
 
     def nested(self, path: str) -> _Walk:
         child = _Walk(self.mounts, self.source, self.realpath, self.depth + 1)
-        child.path(path)
+        if os.path.isabs(path):
+            child.path(path)
+        else:  # the kernel keeps what the mounter wrote, relative to a cwd long gone
+            child.unknown(f"the kernel shows the relative path {path}, which cannot be followed")
         self.via += child.via
         self.disks += child.disks
         self.leaves += child.leaves

@@ -230,3 +230,15 @@ def test_describe_node_resolves_a_swap_partition() -> None:
     assert device.via == ("mmcblk0p3", "mmcblk0")
     missing = describe_node("/dev/sdq2", mounts, source=source)
     assert (missing.kind, missing.reason) == ("unknown", "/dev/sdq2 cannot be read: no such device")
+
+
+def test_an_overlay_layer_given_as_a_relative_path_is_not_guessed() -> None:
+    source, _ = scenario("vm")
+    mounts = table(
+        "47 46 254:0 / / rw - ext4 /dev/vda rw",
+        "80 47 0:50 / /ov rw - overlay none rw,lowerdir=lo,upperdir=up,workdir=wk",
+    )
+    device = resolve_path("/ov", mounts, source, os.path.normpath)
+    assert device.kind == "unknown"
+    assert device.reason is not None
+    assert "the relative path up, which cannot be followed" in device.reason
