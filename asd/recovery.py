@@ -33,20 +33,27 @@ def mark_session(target: Path, info: dict[str, object]) -> None:
     before = os.lstat(target)
     work = target / WORK_NAME
     work.mkdir(mode=0o700, exist_ok=True)
-    write_json_atomic(work / "session.json", info)
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
+    write_json_atomic(work / "session.json", info)
 
 
-def clear_session(target: Path, root_mtime_ns: int | None) -> None:
-    """Remove asd's journal directory from a plain (unmounted) target, keep its mtime."""
+def remove_work(target: Path, times_from: Path | None = None) -> None:
+    """Remove asd's journal directory from a plain target, keeping the target's own times:
+    they are the last sync point's (asd's directory coming and going is not a change)."""
+    if not os.path.lexists(target / WORK_NAME):
+        return
+    before = os.lstat(times_from or target)
+    remove_tree(target / WORK_NAME)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
+    fsync_path(target)
+
+
+def clear_session(target: Path) -> None:
+    """A clean stop: finish a committed write-back if one is pending, then drop the journal."""
     journal = Journal(target)
     if os.path.lexists(journal.record):
         journal.apply()
-    remove_tree(target / WORK_NAME)
-    if root_mtime_ns is not None:
-        st = os.lstat(target)
-        os.utime(target, ns=(st.st_atime_ns, root_mtime_ns), follow_symlinks=False)
-    fsync_path(target)
+    remove_work(target)
 
 
 def recover(
@@ -76,9 +83,10 @@ def recover(
             )
             for old in snapshots.rotate(target, backup_limit):
                 say(f"{target}: removed old snapshot {old} (BACKUP_LIMIT={backup_limit})")
-    if os.path.lexists(target / WORK_NAME):
-        remove_tree(target / WORK_NAME)
-        fsync_path(target)
+    # A crash between creating the journal directory and restoring the target's mtime
+    # leaves no marker; the empty mount point beside the target then holds the times.
+    early = not was_unclean(target) and os.path.isdir(layout.backup)
+    remove_work(target, layout.backup if early else None)
     backup = layout.backup
     try:
         st = os.lstat(backup)

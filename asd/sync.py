@@ -24,7 +24,7 @@ from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session, recover
 from asd.run import run
 from asd.state import RunState, StateStore
-from asd.writeback import WriteBack, load_index, ram_index, resync_target, save_index
+from asd.writeback import WriteBack, ram_index, resync_target, save_index
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def plan_target(layout: TargetLayout, overlay: bool) -> list[Step]:
     t = str(layout.target)
     steps = [
         Step("recover", t, t),
+        Step("mkdir", t, str(layout.backup), t),
         Step("mark", t, t),
-        Step("mkdir", t, str(layout.backup)),
         Step("bind-backup", t, str(layout.backup), t),
     ]
     if overlay:
@@ -122,7 +122,7 @@ class Engine:
         return self.instance.target(Path(target))
 
     # ----- undo -------------------------------------------------------------------------
-    def undo_step(self, step: Step, *, lazy: bool = False, root_mtime: int | None = None) -> None:
+    def undo_step(self, step: Step, *, lazy: bool = False) -> None:
         path = Path(step.path)
         if step.kind in ("bind-backup", "overlay", "bind-target"):
             if MountTable.read().is_mountpoint(path):
@@ -135,14 +135,14 @@ class Engine:
             except FileNotFoundError:
                 pass
         elif step.kind == "mark":
-            clear_session(path, root_mtime)
+            clear_session(path)
         elif step.kind == "copy":
             remove_tree(path)
 
-    def undo_target(self, state: RunState, target: str, **kw: object) -> None:
+    def undo_target(self, state: RunState, target: str, *, lazy: bool = False) -> None:
         for raw in reversed(state.actions.get(target, [])):
             step = Step.from_json(raw)
-            self.undo_step(step, **kw)  # type: ignore[arg-type]
+            self.undo_step(step, lazy=lazy)
             state.actions[target].remove(raw)
             self.store.save(state)
         state.actions.pop(target, None)
@@ -224,6 +224,12 @@ class Engine:
             mark_session(path, {"instance": self.instance.name, "pid": os.getpid()})
         elif step.kind == "mkdir":
             path.mkdir(mode=0o755)
+            if step.source:
+                # The mount point keeps the target's times until the session marker exists:
+                # the only record of them if a crash falls between creating asd's journal
+                # directory in the target and restoring the target's mtime (`recover`).
+                st = os.lstat(step.source)
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         elif step.kind == "bind-backup":
             run(mounts.bind(Path(step.source), path))
             run(mounts.make_private(path))
@@ -263,14 +269,18 @@ class Engine:
         table = MountTable.read()
         for layout in todo:
             self.check_target(layout, table)
+        # Recovery first: it finishes a crashed resync and removes asd's own leftovers (the
+        # overlay lower tree is all hard links), so the checks below see the user's tree.
+        plans = {layout: plan_target(layout, self.config.use_overlayfs) for layout in todo}
+        for layout, steps in plans.items():
+            self.execute(steps[0], state)
             self.hardlinks(layout)
         if not self.config.use_overlayfs:
             self.budget(todo)
         synced: list[str] = []
-        for layout in todo:
-            steps = plan_target(layout, self.config.use_overlayfs)
+        for layout, steps in plans.items():
             try:
-                for step in steps:
+                for step in steps[1:]:
                     self.execute(step, state)
             except BaseException:
                 self.warn(f"{layout.target}: sync failed; undoing what this run did")
@@ -331,8 +341,7 @@ class Engine:
                 self.say(resync_target(layout).describe())
                 for h in held[target]:
                     self.warn(f"{h.describe()}; writes it makes from now on are lost")
-            root = load_index(layout).get("")
-            self.undo_target(state, target, lazy=lazy, root_mtime=root[6] if root else None)
+            self.undo_target(state, target, lazy=lazy)
             done.append(target)
         self.finish()
         return done

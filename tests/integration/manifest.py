@@ -56,3 +56,15 @@ def manifest(root: Path, *, times: bool = True) -> dict[str, Any]:
         if "link_group" in rec and groups[rec["link_group"]] < 2:
             del rec["link_group"]
     return out
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Readable list of what differs between two manifests (for assertion messages)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            out.append(f"{key}: only in {'second' if key in b else 'first'}")
+        elif a[key] != b[key]:
+            fields = sorted(k for k in set(a[key]) | set(b[key]) if a[key].get(k) != b[key].get(k))
+            out.append(f"{key}: {', '.join(f'{f} {a[key].get(f)!r:.60} vs {b[key].get(f)!r:.60}' for f in fields)}")
+    return out
