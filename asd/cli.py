@@ -55,11 +55,16 @@ class Output:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--config", type=Path, default=argparse.SUPPRESS,
+        "-c",
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
         help="config file (default: $ASDCONF or /etc/asd.conf)",
     )
     common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS,
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
         help="log every command run, and show tracebacks",
     )
     p = argparse.ArgumentParser(
@@ -84,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     un = cmd("unsync", "write back, unmount, and leave the targets as plain directories")
     un.add_argument("--dry-run", action="store_true", help="print the plan only")
     un.add_argument(
-        "--force", action="store_true",
+        "--force",
+        action="store_true",
         help="unmount even while programs hold files (names them; used at shutdown)",
     )
     pa = cmd("parse", "show what asd will do or is doing", aliases=("p", "preview"))
@@ -168,7 +174,9 @@ def dry_run(command: str, engine: Engine, out: Output) -> int:
     state = engine.store.load()
     if command == "sync":
         if state is not None:
-            out.say("asd is already running for this config; sync would only finish what is missing")
+            out.say(
+                "asd is already running for this config; sync would only finish what is missing"
+            )
         for line in describe_plan(engine.config, engine.instance):
             out.say(f"would {line}")
     elif command in ("resync", "unsync"):
@@ -222,13 +230,15 @@ def restore(what: str | None, engine: Engine, out: Output) -> int:
         else:
             snapshot = given
             targets = [
-                t for t in targets
-                if given.parent == t.parent and given.name.startswith(
-                    engine.layout(t).snapshot_prefix
-                )
+                t
+                for t in targets
+                if given.parent == t.parent
+                and given.name.startswith(engine.layout(t).snapshot_prefix)
             ]
             if not targets:
-                raise SafetyError(f"{given} is not a crash-recovery snapshot of a configured target")
+                raise SafetyError(
+                    f"{given} is not a crash-recovery snapshot of a configured target"
+                )
     else:
         targets = [t for t in targets if snapshots.list_snapshots(t)]
         if len(targets) != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,8 @@ def holders(paths: list[Path], proc: Path = Path("/proc")) -> list[Holder]:
         pid_dir = Path(entry.path)
         seen: set[str] = set()
         links = ["cwd", "root", "exe"]
-        try:
+        with contextlib.suppress(OSError):
             links += [f"fd/{n}" for n in os.listdir(pid_dir / "fd")]
-        except OSError:
-            pass
         for link in links:
             try:
                 target = os.readlink(pid_dir / link)

@@ -15,13 +15,48 @@ from asd.run import run
 
 RAM_FSTYPES = frozenset({"tmpfs", "ramfs"})
 PSEUDO_FSTYPES = frozenset(
-    {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
-     "tracefs", "configfs", "fusectl", "pstore", "bpf", "mqueue", "hugetlbfs", "efivarfs",
-     "binfmt_misc", "autofs", "rpc_pipefs", "nsfs"}
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "securityfs",
+        "debugfs",
+        "tracefs",
+        "configfs",
+        "fusectl",
+        "pstore",
+        "bpf",
+        "mqueue",
+        "hugetlbfs",
+        "efivarfs",
+        "binfmt_misc",
+        "autofs",
+        "rpc_pipefs",
+        "nsfs",
+    }
 )
 NETWORK_FSTYPES = frozenset(
-    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "sshfs", "fuse.sshfs", "9p", "ceph", "glusterfs",
-     "fuse.glusterfs", "afs", "fuse.rclone", "fuse.s3fs", "davfs", "fuse.davfs2"}
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "sshfs",
+        "fuse.sshfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "fuse.glusterfs",
+        "afs",
+        "fuse.rclone",
+        "fuse.s3fs",
+        "davfs",
+        "fuse.davfs2",
+    }
 )
 
 _OCTAL = re.compile(r"\\([0-7]{3})")

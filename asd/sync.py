@@ -7,6 +7,7 @@ was done, backwards, checking the mount table and skipping what did not happen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -94,10 +95,8 @@ def secure_ram_root(ram_root: Path) -> None:
     """Create VOLATILE/asd-root race-free: a root-owned 0700 directory, never a symlink."""
     pfd = os.open(ram_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(ram_root.name, 0o700, dir_fd=pfd)
-        except FileExistsError:
-            pass
         st = os.stat(ram_root.name, dir_fd=pfd, follow_symlinks=False)
     finally:
         os.close(pfd)
@@ -130,10 +129,8 @@ class Engine:
         elif step.kind in ("ram-dir", "lower"):
             remove_tree(path)
         elif step.kind == "mkdir":
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.rmdir(path)
-            except FileNotFoundError:
-                pass
         elif step.kind == "mark":
             clear_session(path)
         elif step.kind == "copy":
@@ -152,8 +149,10 @@ class Engine:
     # ----- sync -------------------------------------------------------------------------
     def complete(self, state: RunState, target: str) -> bool:
         actions = state.actions.get(target, [])
-        return bool(actions) and actions[-1]["kind"] == "bind-target" and (
-            MountTable.read().is_mountpoint(target)
+        return (
+            bool(actions)
+            and actions[-1]["kind"] == "bind-target"
+            and (MountTable.read().is_mountpoint(target))
         )
 
     def reconcile(self, state: RunState) -> None:
@@ -301,9 +300,7 @@ class Engine:
 
     def resync(self) -> list[WriteBack]:
         state = self.running_state()
-        return [
-            resync_target(self.layout(t)) for t in state.actions if self.complete(state, t)
-        ]
+        return [resync_target(self.layout(t)) for t in state.actions if self.complete(state, t)]
 
     # ----- unsync -----------------------------------------------------------------------
     def unsync(self, *, force: bool) -> list[str]:
@@ -347,15 +344,11 @@ class Engine:
         return done
 
     def finish(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self.instance.ram_root / ".overlay")
-        except OSError:
-            pass
         remove_empty_tree(self.instance.ram_root)
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self.instance.index_dir)
-        except OSError:
-            pass
         self.store.remove()
 
 

@@ -34,7 +34,9 @@ def entry_of(st: os.stat_result) -> Entry:
     )
 
 
-def walk(root: Path, exclude_top: frozenset[str] = frozenset()) -> Iterator[tuple[str, os.stat_result]]:
+def walk(
+    root: Path, exclude_top: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, os.stat_result]]:
     """Every entry under ``root`` (not following symlinks, not crossing into other mounts)."""
     top = os.lstat(root)
     yield "", top
@@ -133,4 +135,3 @@ def outside_links(root: Path, exclude_top: frozenset[str] = frozenset()) -> list
             rec = counts.setdefault(st.st_ino, [rel, st.st_nlink, 0])
             rec[2] = int(rec[2]) + 1
     return sorted(str(r[0]) for r in counts.values() if int(r[2]) < int(r[1]))
-

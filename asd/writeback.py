@@ -51,7 +51,7 @@ def load_index(layout: TargetLayout) -> Index:
             raw = json.loads(fh.read())
     except FileNotFoundError:
         return {}
-    return {k: tuple(v) for k, v in raw.items()}  # type: ignore[misc]
+    return {k: tuple(v) for k, v in raw.items()}
 
 
 def ram_index(layout: TargetLayout) -> Index:
@@ -109,4 +109,6 @@ def resync_target(layout: TargetLayout) -> WriteBack:
     finally:
         list_file.unlink(missing_ok=True)
     save_index(layout, new)
-    return WriteBack(layout.target, len(final.files) + len(final.dirs), len(final.deleted), vanished)
+    return WriteBack(
+        layout.target, len(final.files) + len(final.dirs), len(final.deleted), vanished
+    )

@@ -10,6 +10,7 @@ every mount and all RAM are gone, the disk stays — then `boot()` makes a fresh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -49,8 +50,8 @@ class World:
     def write_conf(self, *targets: Path, extra: str = "") -> Path:
         listed = " ".join(f"'{t}'" for t in targets)
         self.conf.write_text(
-            f"WHATTOSYNC=({listed})\nVOLATILE=\"{self.volatile}\"\n"
-            f"USE_OVERLAYFS=\"{'yes' if self.overlay else 'no'}\"\n{extra}"
+            f'WHATTOSYNC=({listed})\nVOLATILE="{self.volatile}"\n'
+            f'USE_OVERLAYFS="{"yes" if self.overlay else "no"}"\n{extra}'
         )
         return self.conf
 
@@ -83,11 +84,18 @@ class World:
         full_env.update(env or {})
         full_env["PYTHONPATH"] = str(REPO)
         proc = subprocess.run(
-            self._enter(argv), capture_output=True, text=True, env=full_env, cwd=REPO,
-            check=False, timeout=300,
+            self._enter(argv),
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=REPO,
+            check=False,
+            timeout=300,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"{argv} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -95,11 +103,17 @@ class World:
         self.children.append(proc)
         return proc
 
-    def asd(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
-            prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    def asd(
+        self,
+        *args: str,
+        check: bool = False,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> subprocess.CompletedProcess[str]:
         return self.run(
             [*prefix, sys.executable, "-m", "asd", "-c", str(self.conf), *args],
-            check=check, env=env,
+            check=check,
+            env=env,
         )
 
     def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -112,7 +126,8 @@ class World:
     def asd_mounts(self) -> list[str]:
         keep = (str(self.base), "asd-overlay")
         return [
-            line for line in self.mounts().splitlines()
+            line
+            for line in self.mounts().splitlines()
             if any(k in line for k in keep) and "asd-test-volatile" not in line
         ]
 
@@ -127,10 +142,8 @@ class World:
         for proc in [*self.children, self.holder]:
             if proc is None:
                 continue
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
         self.children.clear()
         self.holder = None
@@ -176,7 +189,7 @@ def populate(root: Path) -> None:
     os.chmod(private, 0o600)
     os.chown(private, 1234, 1234)
     (root / "exec.sh").write_text("#!/bin/sh\n")
-    os.chmod(root / "exec.sh", 0o4755)
+    os.chmod(root / "exec.sh", 0o4755)  # noqa: S103 - a setuid bit must survive the round trip
     os.symlink("docs/a.txt", root / "rel-link")
     os.symlink("/etc/hostname", root / "abs-link")
     os.symlink("nowhere", root / "dangling")

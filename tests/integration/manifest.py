@@ -66,5 +66,6 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             out.append(f"{key}: only in {'second' if key in b else 'first'}")
         elif a[key] != b[key]:
             fields = sorted(k for k in set(a[key]) | set(b[key]) if a[key].get(k) != b[key].get(k))
-            out.append(f"{key}: {', '.join(f'{f} {a[key].get(f)!r:.60} vs {b[key].get(f)!r:.60}' for f in fields)}")
+            shown = [f"{f} {a[key].get(f)!r:.60} vs {b[key].get(f)!r:.60}" for f in fields]
+            out.append(f"{key}: {', '.join(shown)}")
     return out

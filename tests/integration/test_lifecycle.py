@@ -59,9 +59,8 @@ def test_full_cycle_is_transparent_and_lands_on_disk(world: World) -> None:
     assert os.lstat(target / "b-link").st_ino == os.lstat(target / "docs/deep/er/b.txt").st_ino
 
 
-def inside_listdir(world: World, path: os.PathLike[str]) -> list[str]:
-    out = world.run(["ls", "-A", str(path)], check=True).stdout.split()
-    return out
+def inside_listdir(world: World, path: os.PathLike[str] | str) -> list[str]:
+    return world.run(["ls", "-A", str(path)], check=True).stdout.split()
 
 
 def test_nothing_left_in_volatile_after_unsync(world: World) -> None:
@@ -167,14 +166,18 @@ def test_unsync_refuses_while_files_are_open_and_force_names_them(world: World) 
     world.write_conf(target)
     world.asd("sync", check=True)
     writer = world.spawn(
-        ["sh", "-c", f"exec 3>>{target}/app.log; echo opened >&3; sleep 1.5; echo late >&3; sleep 30"]
+        [
+            "sh",
+            "-c",
+            f"exec 3>>{target}/app.log; echo opened >&3; sleep 1.5; echo late >&3; sleep 30",
+        ]
     )
     import time
 
     time.sleep(0.5)
     refused = world.asd("unsync")
     assert refused.returncode == 1
-    assert f"pid" in refused.stderr and "app.log" in refused.stderr
+    assert "pid" in refused.stderr and "app.log" in refused.stderr
     assert world.mounted_at(target) == 1, "the refused unsync unmounted the target"
     assert "opened" in (target / "app.log").read_text(), "refused unsync did not resync"
     time.sleep(1.5)

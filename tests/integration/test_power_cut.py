@@ -25,8 +25,22 @@ from tests.integration.conftest import CHANGES, World, populate
 from tests.integration.manifest import differences, manifest
 
 SYSCALLS = (
-    "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat", "rmdir",
-    "fsync", "fdatasync", "mount", "umount2", "utimensat", "fchmodat", "fchownat", "setxattr",
+    "rename",
+    "renameat",
+    "renameat2",
+    "unlink",
+    "unlinkat",
+    "mkdir",
+    "mkdirat",
+    "rmdir",
+    "fsync",
+    "fdatasync",
+    "mount",
+    "umount2",
+    "utimensat",
+    "fchmodat",
+    "fchownat",
+    "setxattr",
 )
 
 
@@ -38,8 +52,19 @@ def points_wanted() -> int | None:
 def count_points(world: World, *args: str) -> list[tuple[str, int]]:
     trace = world.base / "trace"
     world.run(
-        ["strace", "-o", str(trace), "-e", f"trace={','.join(SYSCALLS)}",
-         sys.executable, "-m", "asd", "-c", str(world.conf), *args],
+        [
+            "strace",
+            "-o",
+            str(trace),
+            "-e",
+            f"trace={','.join(SYSCALLS)}",
+            sys.executable,
+            "-m",
+            "asd",
+            "-c",
+            str(world.conf),
+            *args,
+        ],
         check=True,
     )
     counts: dict[str, int] = {}
@@ -62,8 +87,21 @@ def sample(points: list[tuple[str, int]]) -> list[tuple[str, int]]:
 def crash_at(world: World, point: tuple[str, int], *args: str) -> int:
     sc, n = point
     proc = world.run(
-        ["strace", "-o", "/dev/null", "-e", f"trace={sc}", "-e", f"inject={sc}:signal=KILL:when={n}",
-         sys.executable, "-m", "asd", "-c", str(world.conf), *args]
+        [
+            "strace",
+            "-o",
+            "/dev/null",
+            "-e",
+            f"trace={sc}",
+            "-e",
+            f"inject={sc}:signal=KILL:when={n}",
+            sys.executable,
+            "-m",
+            "asd",
+            "-c",
+            str(world.conf),
+            *args,
+        ]
     )
     return proc.returncode
 
@@ -132,14 +170,23 @@ def run_scenario(world: World, operation: tuple[str, ...], setup: Setup) -> int:
 
 def synced_and_changed(world: World, target: Path) -> tuple[dict[str, object], dict[str, object]]:
     world.asd("sync", check=True)
-    before = manifest(target)
+    manifest(target)
     world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
     world.asd("resync", check=True)
     after = manifest(target)
     # Put the disk back at `before` only logically: make RAM hold `after` again on top of
     # a fresh sync point `before`? Simpler: take `after` as the new base and change again.
-    world.run(["sh", "-c", "echo second > \"$1/docs/a.txt\"; rm -r \"$1/new\"; "
-               "mkdir \"$1/third\"; echo 3 > \"$1/third/f\"", "x", str(target)], check=True)
+    world.run(
+        [
+            "sh",
+            "-c",
+            'echo second > "$1/docs/a.txt"; rm -r "$1/new"; '
+            'mkdir "$1/third"; echo 3 > "$1/third/f"',
+            "x",
+            str(target),
+        ],
+        check=True,
+    )
     return after, _ram_manifest(world, target)
 
 
