@@ -43,6 +43,7 @@ class TargetReport:
     device: dict[str, Any] | None = None
     device_summary: str = ""
     judgement: str = ""
+    waits_for: str | None = None
 
 
 def target_report(
@@ -112,12 +113,25 @@ def build(
 
 
 def _add_devices(targets: list[TargetReport], vol: dict[str, Any], table: MountTable) -> None:
-    try:
-        from asd import devices
-    except ImportError:  # pragma: no cover - devices ships with asd
-        return
+    from asd import devices, fstab
+
+    entries = fstab.read_fstab()
     for t in targets:
-        dev = devices.describe_path(Path(t.path), table)
+        # While a target is in RAM its path shows the RAM copy; the disk copy is beside it.
+        where = Path(t.backup) if t.in_ram else Path(t.path)
+        waits = fstab.mount_for(t.path, entries, table)
+        if waits is not None:
+            node = fstab.resolve_source(waits.source, lookup=devices.find_by_tag)
+            dev = (
+                devices.describe_node(node, table) if node else devices.describe_path(where, table)
+            )
+            t.waits_for = waits.describe()
+            t.warnings.append(
+                f"{t.path} lives on {waits.describe()}, which is not mounted yet; asd.service "
+                "waits for it at boot"
+            )
+        else:
+            dev = devices.describe_path(where, table)
         t.device = dev.to_json()
         t.device_summary = dev.summary()
         t.judgement, is_warning = devices.judgement(dev)
@@ -125,7 +139,9 @@ def _add_devices(targets: list[TargetReport], vol: dict[str, Any], table: MountT
             t.warnings.append(t.judgement)
     vdev = devices.describe_path(Path(vol["path"]), table)
     vol["device"] = vdev.to_json()
-    vol["judgement"] = devices.judgement(vdev, is_volatile=True)[0]
+    vol["judgement"], is_warning = devices.judgement(vdev, is_volatile=True)
+    if is_warning:
+        vol.setdefault("warnings", []).append(vol["judgement"])
 
 
 def _version() -> str:
@@ -165,6 +181,8 @@ def render_text(doc: dict[str, Any]) -> str:
             lines.append(f"  size:       {human(t['size_bytes'])}")
         if t["overlay_upper_bytes"] is not None:
             lines.append(f"  overlay upper size: {human(t['overlay_upper_bytes'])}")
+        if t["waits_for"]:
+            lines.append(f"  waits for:  {t['waits_for']}")
         if t["device_summary"]:
             lines.append(f"  device:     {t['device_summary']}")
             lines.append(f"              {t['judgement']}")

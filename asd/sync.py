@@ -264,6 +264,17 @@ class Engine:
             self.reconcile(state)
             state.status = "syncing"
         self.store.save(state)
+        try:
+            return self._sync_targets(state)
+        except BaseException:
+            if state.actions:  # targets synced by an earlier run stay served
+                state.status = "synced"
+                self.store.save(state)
+            else:
+                self.finish()
+            raise
+
+    def _sync_targets(self, state: RunState) -> list[str]:
         todo = [self.layout(t) for t in self.config.whattosync if not self.complete(state, str(t))]
         table = MountTable.read()
         for layout in todo:
@@ -277,15 +288,18 @@ class Engine:
         if not self.config.use_overlayfs:
             self.budget(todo)
         synced: list[str] = []
-        for layout, steps in plans.items():
-            try:
+        try:
+            for layout, steps in plans.items():
                 for step in steps[1:]:
                     self.execute(step, state)
-            except BaseException:
-                self.warn(f"{layout.target}: sync failed; undoing what this run did")
-                self.undo_target(state, str(layout.target))
-                raise
-            synced.append(str(layout.target))
+                synced.append(str(layout.target))
+        except BaseException:
+            # No success after a failure: undo this run's work on every target, newest first.
+            for layout in reversed(list(plans)):
+                if str(layout.target) in state.actions:
+                    self.warn(f"{layout.target}: sync failed; undoing what this run did")
+                    self.undo_target(state, str(layout.target))
+            raise
         state.status = "synced"
         self.store.save(state)
         return synced
@@ -344,9 +358,13 @@ class Engine:
         return done
 
     def finish(self) -> None:
+        """Nothing is synced any more: drop the run state and asd's empty RAM directory."""
         with contextlib.suppress(OSError):
-            os.rmdir(self.instance.ram_root / ".overlay")
-        remove_empty_tree(self.instance.ram_root)
+            st = os.lstat(self.instance.ram_root)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.instance.ram_root / ".overlay")
+                remove_empty_tree(self.instance.ram_root)
         with contextlib.suppress(OSError):
             os.rmdir(self.instance.index_dir)
         self.store.remove()

@@ -152,6 +152,7 @@ class World:
 @pytest.fixture(params=["copy", "overlay"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
     base = Path(tempfile.mkdtemp(prefix="asd-it-", dir="/var/tmp"))
+    base.chmod(0o755)  # the unprivileged "local user" of some tests must reach VOLATILE
     w = World(base, overlay=request.param == "overlay")
     w.boot()
     try:
@@ -165,6 +166,7 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
 @pytest.fixture
 def copy_world() -> Iterator[World]:
     base = Path(tempfile.mkdtemp(prefix="asd-it-", dir="/var/tmp"))
+    base.chmod(0o755)
     w = World(base, overlay=False)
     w.boot()
     try:

@@ -1,0 +1,264 @@
+"""Bad input and hostile surroundings: a clear error, a non-zero exit, and nothing changed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import World
+from tests.integration.manifest import manifest
+
+PWNED = Path("/var/tmp/asd-test-pwned")
+
+
+def assert_untouched(world: World, target: Path, before: dict[str, object]) -> None:
+    assert world.asd_mounts() == [], "something was left mounted"
+    assert manifest(target) == before, "the target changed"
+    assert not (target / ".asd-work").exists()
+    assert not any(n.endswith("-backup_asd") for n in os.listdir(target.parent))
+    assert world.run(["ls", "-A", str(world.volatile)], check=True).stdout == ""
+    assert not world.run(["test", "-e", "/run/asd/" + "x"]).returncode == 0
+
+
+BAD_CONFIGS = {
+    "relative": ("WHATTOSYNC=('relative/dir')", "absolute"),
+    "empty path": ("WHATTOSYNC=('')", ""),
+    "root": ("WHATTOSYNC=('/')", "/"),
+    "proc": ("WHATTOSYNC=('/proc/sys')", "/proc"),
+    "missing": ("WHATTOSYNC=('{base}/nope')", "nope"),
+    "a file": ("WHATTOSYNC=('{base}/asd.conf')", "asd.conf"),
+    "nested": ("WHATTOSYNC=('{t}' '{t}/sub')", "sub"),
+    "duplicate": ("WHATTOSYNC=('{t}' '{t}/')", "{t}"),
+    "inside volatile": ("WHATTOSYNC=('{vol}/x')", "VOLATILE"),
+    "volatile inside target": ("WHATTOSYNC=('{t}')\nVOLATILE='{t}/ram'", "VOLATILE"),
+    "volatile on disk": ("WHATTOSYNC=('{t}')\nVOLATILE='{base}/ondisk'", "tmpfs"),
+    "typo": ("WHATTOSNYC=('{t}')", "WHATTOSYNC"),
+    "command substitution": ("WHATTOSYNC=('{t}')\nVOLATILE=$(touch " + str(PWNED) + ")", "$("),
+    "backticks": ("WHATTOSYNC=(`touch " + str(PWNED) + "`)", "`"),
+    "second command": ("WHATTOSYNC=('{t}'); touch " + str(PWNED), "touch"),
+    "bare command": ("touch " + str(PWNED), "touch"),
+    "bad boolean": ("WHATTOSYNC=('{t}')\nUSE_OVERLAYFS=maybe", "maybe"),
+    "bad limit": ("WHATTOSYNC=('{t}')\nBACKUP_LIMIT=-3", "-3"),
+    "unterminated": ("WHATTOSYNC=('{t}'", "WHATTOSYNC"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_refused_with_exit_2(copy_world: World, case: str) -> None:
+    world = copy_world
+    target = world.target("t")
+    (target / "sub").mkdir()
+    (target / "f").write_text("data\n")
+    before = manifest(target)
+    text, needle = BAD_CONFIGS[case]
+    fill = {"base": world.base, "t": target, "vol": world.volatile}
+    (world.volatile / "x").mkdir(exist_ok=True)
+    (world.base / "ondisk").mkdir(exist_ok=True)
+    world.conf.write_text(text.format(**fill) + "\n")
+    PWNED.unlink(missing_ok=True)
+    proc = world.asd("sync")
+    assert proc.returncode == 2, proc.stderr
+    assert "asd: error:" in proc.stderr
+    assert needle.format(**fill) in proc.stderr
+    assert not PWNED.exists(), "asd executed part of its config"
+    (world.volatile / "x").rmdir()
+    assert_untouched(world, target, before)
+
+
+def test_all_config_problems_reported_at_once(copy_world: World) -> None:
+    world = copy_world
+    world.conf.write_text("WHATTOSYNC=('rel')\nUSE_BACKUPS=perhaps\nBACKUP_LIMT=3\n")
+    proc = world.asd("parse")
+    assert proc.returncode == 2
+    for line in (":1:", ":2:", ":3:"):
+        assert f"{world.conf}{line}" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["symlink", "foreign-owner", "world-writable"])
+def test_hostile_ram_directory_is_refused(copy_world: World, kind: str) -> None:
+    """A local user pre-creates asd's directory in the world-writable VOLATILE."""
+    from asd.layout import Instance
+
+    world = copy_world
+    target = world.target("t")
+    (target / "f").write_text("data\n")
+    world.write_conf(target)
+    before = manifest(target)
+    ram_root = Instance(world.conf, world.volatile).ram_root
+    if kind == "symlink":
+        world.run(
+            [
+                "setpriv",
+                "--reuid=1234",
+                "--regid=1234",
+                "--clear-groups",
+                "ln",
+                "-s",
+                "/etc",
+                str(ram_root),
+            ],
+            check=True,
+        )
+    elif kind == "foreign-owner":
+        world.run(
+            [
+                "setpriv",
+                "--reuid=1234",
+                "--regid=1234",
+                "--clear-groups",
+                "mkdir",
+                "-m",
+                "700",
+                str(ram_root),
+            ],
+            check=True,
+        )
+    else:
+        world.run(["mkdir", "-m", "777", str(ram_root)], check=True)
+    proc = world.asd("sync")
+    assert proc.returncode == 1
+    assert str(ram_root) in proc.stderr and "private directory of root" in proc.stderr
+    assert world.asd_mounts() == []
+    assert manifest(target) == before
+    assert not os.path.exists("/etc/var"), "asd wrote through the planted symlink"
+    assert not (target / ".asd-work").exists()
+
+
+def test_ram_budget_refuses_with_both_numbers(copy_world: World) -> None:
+    world = copy_world
+    world.power_cut()
+    world.volatile_size = "8m"
+    world.boot()
+    target = world.target("big")
+    (target / "blob").write_bytes(os.urandom(12 * 1024 * 1024))
+    world.write_conf(target)
+    before = manifest(target)
+    proc = world.asd("sync")
+    assert proc.returncode == 1
+    assert "RAM" in proc.stderr and "MiB" in proc.stderr and "free" in proc.stderr
+    assert_untouched(world, target, before)
+
+
+def test_enospc_during_copy_is_undone(copy_world: World) -> None:
+    """The byte budget passes, but VOLATILE runs out of inodes mid-copy (rsync fails)."""
+    world = copy_world
+    world.power_cut()
+    world.volatile_size = "64m,nr_inodes=40"
+    world.boot()
+    target = world.target("many")
+    for i in range(200):
+        (target / f"f{i:03}").write_text(str(i))
+    world.write_conf(target)
+    before = manifest(target)
+    proc = world.asd("sync")
+    assert proc.returncode == 1
+    assert "rsync" in proc.stderr and "undoing" in proc.stderr
+    assert_untouched(world, target, before)
+
+
+def test_hard_links_outside_the_target(copy_world: World) -> None:
+    world = copy_world
+    target = world.target("t")
+    (target / "inside").write_text("shared\n")
+    os.link(target / "inside", world.disk / "outside")
+    world.write_conf(target)
+    before = manifest(target)
+    proc = world.asd("sync")
+    assert proc.returncode == 1 and "hard-linked" in proc.stderr and "inside" in proc.stderr
+    assert_untouched(world, target, before)
+    world.write_conf(target, extra="ENABLE_HARDLINK_SAFETY_CHECK=0\n")
+    assert world.asd("sync").returncode == 0
+
+
+def test_missing_tool_fails_cleanly(copy_world: World) -> None:
+    world = copy_world
+    target = world.target("t")
+    (target / "f").write_text("data\n")
+    world.write_conf(target)
+    before = manifest(target)
+    proc = world.run(
+        ["env", "PATH=/nonexistent", sys.executable, "-m", "asd", "-c", str(world.conf), "sync"]
+    )
+    assert proc.returncode == 1
+    assert "is not installed" in proc.stderr
+    assert_untouched(world, target, before)
+
+
+def test_sigterm_during_sync_undoes_and_exits_143(copy_world: World) -> None:
+    world = copy_world
+    target = world.target("t")
+    (target / "f").write_text("data\n")
+    world.write_conf(target)
+    before = manifest(target)
+    proc = world.run(
+        [
+            "strace",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=rename",
+            "-e",
+            "inject=rename:signal=TERM:when=4",
+            sys.executable,
+            "-m",
+            "asd",
+            "-c",
+            str(world.conf),
+            "sync",
+        ]
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert "stopped by SIGTERM" in proc.stderr
+    assert_untouched(world, target, before)
+    assert world.asd("sync").returncode == 0
+
+
+def test_restore_is_safe_and_refused_while_running(copy_world: World) -> None:
+    world = copy_world
+    target = world.target("t")
+    (target / "f").write_text("v1\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)  # takes the snapshot of v1
+    world.sh(f"echo v2 > {target}/f")
+    refused = world.asd("restore")
+    assert refused.returncode == 1 and "running" in refused.stderr
+    world.asd("unsync", check=True)
+    assert (target / "f").read_text() == "v2\n"
+    done = world.asd("restore", check=True)
+    assert "Restored" in done.stdout
+    assert (target / "f").read_text() == "v1\n"
+    aside = [p for p in world.disk.iterdir() if p.name.startswith("t-bad-")]
+    assert len(aside) == 1 and (aside[0] / "f").read_text() == "v2\n"
+
+
+def test_restore_refuses_a_crafted_snapshot(copy_world: World) -> None:
+    import io
+    import tarfile
+
+    world = copy_world
+    target = world.target("t")
+    (target / "f").write_text("mine\n")
+    world.write_conf(target)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        top = tarfile.TarInfo("./")
+        top.type = tarfile.DIRTYPE
+        tar.addfile(top)
+        evil = tarfile.TarInfo("../../escaped")
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    raw = world.base / "evil.tar"
+    raw.write_bytes(buf.getvalue())
+    snap = world.disk / ".t-backup_asd-crashrecovery-20200101_000000.tar.zstd"
+    world.run(["zstd", "-q", "-o", str(snap), str(raw)], check=True)
+    proc = world.asd("restore", str(snap))
+    assert proc.returncode == 1 and ".." in proc.stderr
+    assert (target / "f").read_text() == "mine\n"
+    assert not (world.base / "escaped").exists() and not Path("/var/tmp/escaped").exists()
+    assert not [p for p in world.disk.iterdir() if "-bad-" in p.name]
