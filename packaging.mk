@@ -11,7 +11,9 @@
 # Every target installs what it needs with apt-get; the container targets start a
 # Docker engine (Debian's docker.io, dockerd --bridge=none) when none answers.
 
-PYTHON3 ?= python3
+# the system python, which the apt-installed python3-sh/-pyudev serve (not a
+# pyenv or venv python that happens to come first in PATH)
+PYTHON3 ?= /usr/bin/python3
 VENV_PYTHON ?= .venv/bin/python
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -23,10 +25,12 @@ ASD_LIBDIR ?= $(PREFIX)/lib/asd
 MANDIR ?= $(PREFIX)/share/man
 BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
-APT_GET = DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+# apt-get install, with a fresh package list if the first try fails
+apt_install = DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1) \
+	|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1); }
 ASD_UNITS = asd.service asd-resync.service asd-resync.timer asd-sleep.service
 
-.PHONY: images deb arch test-container install compose
+.PHONY: images deb arch test-container install
 
 images:
 	docker/images.sh all
@@ -37,22 +41,28 @@ deb:
 arch:
 	docker/build.sh arch
 
-# pytest-docker drives `docker compose` (v2) or Debian's docker-compose (v1).
-compose:
-	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 \
-		|| $(APT_GET) docker-compose
-
-test-container: compose deb arch
+# engine.sh also provides the compose command pytest-docker drives (the v2 plugin
+# or Debian's docker-compose). The tests build out/deb-upgrade themselves.
+test-container: deb arch
 	docker/engine.sh
 	ASD_PACKAGES_BUILT=1 $(VENV_PYTHON) -m pytest -m container tests/container
 
 install:
-	$(APT_GET) python3-build python3-installer python3-wheel python3-setuptools
+	$(call apt_install,python3-build python3-installer python3-wheel python3-setuptools)
 	@if [ -z "$(DESTDIR)" ]; then \
-		$(APT_GET) python3-sh python3-pyudev rsync zstd tar util-linux; fi
+		$(call apt_install,python3-sh python3-pyudev rsync zstd tar util-linux); fi
 	rm -rf build/install-wheel
 	$(PYTHON3) -m build --wheel --no-isolation --outdir build/install-wheel .
-	$(PYTHON3) -m installer --destdir="$(DESTDIR)/" --prefix="$(PREFIX)" build/install-wheel/*.whl
+	@# Debian's python adds /local itself (scheme posix_local) and only looks in
+	@# dist-packages: no --prefix for /usr/local, its deb_system layout for /usr
+	if $(PYTHON3) -c 'import sys, sysconfig; sys.exit("posix_local" not in sysconfig.get_scheme_names())'; then \
+		case "$(PREFIX)" in \
+		/usr/local) set -- ;; \
+		/usr) export DEB_PYTHON_INSTALL_LAYOUT=deb_system; set -- ;; \
+		*) set -- --prefix="$(PREFIX)" ;; \
+		esac; \
+	else set -- --prefix="$(PREFIX)"; fi; \
+	$(PYTHON3) -m installer --destdir="$(DESTDIR)/" "$$@" build/install-wheel/*.whl
 	install -d "$(DESTDIR)$(SYSTEMD_UNITDIR)" "$(DESTDIR)$(SYSTEMD_GENERATORDIR)" "$(DESTDIR)$(ASD_LIBDIR)"
 	for u in $(ASD_UNITS); do \
 		sed -e 's|/usr/bin/asd|$(PREFIX)/bin/asd|g' -e 's|/usr/lib/asd/|$(ASD_LIBDIR)/|g' systemd/$$u >"$(DESTDIR)$(SYSTEMD_UNITDIR)/$$u" \

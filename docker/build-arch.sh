@@ -14,6 +14,7 @@
 #    holds /usr/bin/asd and /usr/lib/python3/dist-packages/asd, where this
 #    Debian-based test system's python3 looks. On Arch the same PKGBUILD gives
 #    /usr/lib/python3.X/site-packages.
+#  - PKGEXT=.pkg.tar.zst: Arch's default; Debian's makepkg.conf says .pkg.tar.gz.
 set -eu
 version=$1
 name=anything-sync-daemon
@@ -29,7 +30,7 @@ sed -i -e "s/^pkgver=.*/pkgver=$version/" -e "s/^sha256sums=.*/sha256sums=('$sum
 chown -R builder: "$work"
 
 cd "$work"
-runuser -u builder -- env DEB_PYTHON_INSTALL_LAYOUT=deb_system PKGDEST="$work" \
+runuser -u builder -- env DEB_PYTHON_INSTALL_LAYOUT=deb_system PKGDEST="$work" PKGEXT=.pkg.tar.zst \
     makepkg --nodeps --noconfirm --cleanbuild
 
 rm -rf /out/arch && mkdir -p /out/arch

@@ -19,12 +19,15 @@ version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$top/asd/__init__.py")
 [ -n "$version" ] || { echo "build: no __version__ in asd/__init__.py" >&2; exit 1; }
 
 srctar() {
+    # file times: the last commit's, so the tarball is reproducible and no file
+    # looks decades old to lintian (package-contains-ancient-file)
+    stamp=$(git -C "$top" log -1 --format=%ct 2>/dev/null || date +%s)
     mkdir -p "$out/src"
     tmp=$(mktemp -d)
     (cd "$top" && git ls-files -z --cached --others --exclude-standard) |
         (cd "$top" && xargs -0 sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) |
         tar -C "$top" --null -T - --transform "s,^,$name-$version/," \
-            --owner=0 --group=0 --numeric-owner --mtime=@0 --sort=name -czf "$tmp/src.tar.gz"
+            --owner=0 --group=0 --numeric-owner --mtime=@$stamp --sort=name -czf "$tmp/src.tar.gz"
     mv "$tmp/src.tar.gz" "$out/src/$name-$version.tar.gz"
     rmdir "$tmp"
 }

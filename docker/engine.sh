@@ -11,17 +11,28 @@ set -eu
 
 log=${ASD_DOCKERD_LOG:-/var/log/asd-dockerd.log}
 
-if docker info >/dev/null 2>&1; then
-    exit 0
-fi
+apt_install() { # with a fresh package list if the first try fails
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "$@" >&2 ||
+        { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$@" >&2; }
+}
 
-if ! command -v dockerd >/dev/null 2>&1; then
+if ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; then
     echo "engine: installing docker.io" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y docker.io >&2
+    # On a host running systemd, docker.io's postinst would start docker.service,
+    # which creates the docker0 bridge with an address. policy-rc.d forbids that.
+    own_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    rc=0
+    apt_install docker.io || rc=$?
+    [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
+    [ "$rc" = 0 ] || exit "$rc"
 fi
 
-# docker.io may have started its own unit (with a bridge); on hosts without systemd it
-# did not. Start ours only when nothing answers.
+# Start our engine only when nothing answers.
 if ! docker info >/dev/null 2>&1; then
     echo "engine: starting dockerd --bridge=none --iptables=false (log: $log)" >&2
     mkdir -p "$(dirname "$log")"
@@ -37,5 +48,11 @@ if ! docker info >/dev/null 2>&1; then
         fi
         sleep 1
     done
+fi
+# pytest-docker needs a compose command: the v2 plugin if there is one, else
+# Debian's docker-compose (v1, reads docker/compose.yml's version 2.4 format).
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+    echo "engine: installing docker-compose" >&2
+    apt_install docker-compose
 fi
 echo "engine: $(docker version --format 'server {{.Server.Version}}')" >&2

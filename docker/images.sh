@@ -2,7 +2,7 @@
 # Build the container images, or reuse them when their inputs have not changed.
 #
 #   asd-base:trixie        debootstrap: systemd + asd's runtime dependencies
-#   asd-base-build:trixie  debootstrap: the above + .deb and Arch build tools
+#   asd-base-build:trixie  asd-base + apt-get install of the .deb and Arch build tools
 #   asd-test:trixie        test.Dockerfile FROM asd-base (install tests)
 #   asd-build:trixie       build.Dockerfile FROM asd-base-build (builds, Arch test)
 #
@@ -19,22 +19,29 @@ cd "$here"
 label() {
     docker image inspect -f '{{ index .Config.Labels "asd.inputs" }}' "$1" 2>/dev/null || true
 }
-hash_of() {
-    cat "$@" | sha256sum | cut -c1-16
-}
 fresh() { # TAG HASH
     [ "${ASD_REBUILD_IMAGES:-0}" != 1 ] && [ "$(label "$1")" = "$2" ]
 }
 
-base() { # TAG LIST...
+base() { # TAG LIST [PARENT]
     tag=$1
-    shift
-    h=$(hash_of mkrootfs.sh "$@")
+    h=$( (cat mkrootfs.sh "$2"; [ -z "${3:-}" ] || docker image inspect -f '{{.Id}}' "$3") |
+        sha256sum | cut -c1-16)
     if fresh "$tag" "$h"; then
         echo "images: $tag is up to date" >&2
         return
     fi
-    ASD_INPUTS_HASH=$h ./mkrootfs.sh "$tag" "$@"
+    old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
+    if [ -n "${3:-}" ]; then
+        ASD_INPUTS_HASH=$h ./mkrootfs.sh --from "$3" "$tag" "$2"
+    else
+        ASD_INPUTS_HASH=$h ./mkrootfs.sh "$tag" "$2"
+    fi
+    drop_old "$old"
+}
+stale=
+drop_old() { # remember the image a rebuild replaced; removed at the end (children first)
+    stale="$1 $stale"
 }
 
 derived() { # TAG DOCKERFILE PARENT
@@ -44,22 +51,28 @@ derived() { # TAG DOCKERFILE PARENT
         return
     fi
     echo "images: building $1" >&2
+    old=$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)
     # --network none: the engine has no bridge, and nothing here needs the network
-    DOCKER_BUILDKIT=0 docker build --quiet --network none --label "asd.inputs=$h" \
-        -t "$1" -f "$2" "$here/context" >/dev/null
+    DOCKER_BUILDKIT=0 docker build --quiet --force-rm --network none --label "asd.inputs=$h" \
+        -t "$1" -f "$2" "$context" >/dev/null
+    drop_old "$old"
 }
 
-mkdir -p context  # an empty build context: the Dockerfiles COPY nothing
+# an empty build context: the Dockerfiles COPY nothing
+context=$(mktemp -d)
+trap 'rmdir "$context"' EXIT
 want=${1:-all}
+base asd-base:trixie packages-runtime.txt
 case $want in
-test | all)
-    base asd-base:trixie packages-runtime.txt
-    derived asd-test:trixie test.Dockerfile asd-base:trixie
-    ;;
+test | all) derived asd-test:trixie test.Dockerfile asd-base:trixie ;;
 esac
 case $want in
 build | all)
-    base asd-base-build:trixie packages-runtime.txt packages-build.txt
+    base asd-base-build:trixie packages-build.txt asd-base:trixie
     derived asd-build:trixie build.Dockerfile asd-base-build:trixie
     ;;
 esac
+for id in $stale; do
+    # unless something (a container, a newer image) still uses it
+    docker rmi "$id" >/dev/null 2>&1 || true
+done

@@ -1,18 +1,25 @@
 #!/bin/sh
-# Build a Debian trixie root filesystem with debootstrap and `docker import` it.
+# Build a Debian trixie root filesystem and `docker import` it, without a registry.
 #
-#   mkrootfs.sh TAG PACKAGE_LIST [EXTRA_LIST...]
+#   mkrootfs.sh TAG LIST                  debootstrap --variant=minbase --include=LIST
+#   mkrootfs.sh --from IMAGE TAG LIST     IMAGE's filesystem + apt-get install LIST
 #
-# The first list goes to debootstrap --variant=minbase --include; the packages of
-# the others are then installed with apt-get inside the new root (debootstrap's own
-# dependency ordering fails on large --include sets, e.g. lintian's perl stack).
+# LIST is a file of package names (# comments). The second form grows an image made
+# by the first instead of bootstrapping again (faster, and debootstrap's own
+# dependency ordering fails on large --include sets such as lintian's perl stack).
 # The mirror is the one this machine's apt sources name, read now (deb822 `URIs:`
-# lines first, then sources.list); no host name is written into the repository.
-# Downloaded .debs are kept in $ASD_IMAGE_CACHE so a rebuild does not fetch again.
+# lines first, then sources.list); no host name is written into the repository, and
+# the images keep no apt sources. Downloaded .debs stay in $ASD_IMAGE_CACHE
+# (default /var/cache/asd-images) so a rebuild does not fetch them again.
 set -eu
 
+from=
+if [ "$1" = --from ]; then
+    from=$2
+    shift 2
+fi
 tag=$1
-shift
+list=$2
 cache=${ASD_IMAGE_CACHE:-/var/cache/asd-images}
 suite=trixie
 
@@ -33,17 +40,11 @@ if [ -z "$mirror" ]; then
     exit 1
 fi
 
-words() { sed 's/#.*//' "$@" | tr -s ' \t' '\n\n' | grep -v '^$' || true; }
-pkgs=$(words "$1" | paste -sd, -)
-shift
-extra=$(words "$@")
+pkgs=$(sed 's/#.*//' "$list" | tr -s ' \t' '\n\n' | grep -v '^$' || true)
 
-command -v debootstrap >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap debian-archive-keyring >&2
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-
-mkdir -p "$cache/debs"
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/asd-rootfs.XXXXXX")
 root=$work/root
+mkdir "$root"
 unmount_all() {
     for m in "$root/var/cache/apt/archives" "$root/proc"; do
         if mountpoint -q "$m" 2>/dev/null; then umount "$m"; fi
@@ -51,6 +52,7 @@ unmount_all() {
 }
 cleanup() {
     unmount_all || true
+    [ -n "${cid:-}" ] && docker rm "$cid" >/dev/null 2>&1
     # never delete through a mount that is still there (the .deb cache, /proc)
     if grep -q " $work/" /proc/self/mountinfo; then
         echo "mkrootfs: mounts left under $work; not removing it" >&2
@@ -60,19 +62,37 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "mkrootfs: debootstrap $suite ($tag)" >&2
-debootstrap --variant=minbase --keyring="$keyring" --cache-dir="$cache/debs" \
-    --include="$pkgs" "$suite" "$root" "$mirror" >&2
-
-if [ -n "$extra" ]; then
-    echo "mkrootfs: apt-get install" $extra >&2
+if [ -z "$from" ]; then
+    command -v debootstrap >/dev/null 2>&1 ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap debian-archive-keyring >&2
+    mkdir -p "$cache/debs"
+    echo "mkrootfs: debootstrap $suite from the apt sources' mirror ($tag)" >&2
+    debootstrap --variant=minbase --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+        --cache-dir="$cache/debs" --include="$(echo "$pkgs" | paste -sd, -)" \
+        "$suite" "$root" "$mirror" >&2
+else
+    echo "mkrootfs: $from + apt-get install ($tag)" >&2
+    cid=$(docker create --network none "$from" /bin/true)
+    docker export "$cid" | tar -C "$root" --numeric-owner -x
+    docker rm "$cid" >/dev/null
+    cid=
+    # the engine's view of these, not the image's
+    rm -f "$root/.dockerenv"
+    echo "deb $mirror $suite main" >"$root/etc/apt/sources.list"
+    cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+    # speed: no fsync per file (a crash only loses this scratch tree) and no
+    # man-db index rebuild (nobody reads man pages in the build image)
+    echo force-unsafe-io >"$root/etc/dpkg/dpkg.cfg.d/asd-unsafe-io"
+    rm -f "$root/var/lib/man-db/auto-update"
     mkdir -p "$cache/apt"
     mount --bind "$cache/apt" "$root/var/cache/apt/archives"
     mount -t proc proc "$root/proc"
-    chroot "$root" apt-get update >&2
+    chroot "$root" apt-get update -o Acquire::Languages=none >&2
     # shellcheck disable=SC2086 # one word per package
-    DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y --no-install-recommends $extra >&2
+    DEBIAN_FRONTEND=noninteractive chroot "$root" \
+        apt-get install -y --no-install-recommends $pkgs >&2
     unmount_all
+    rm -f "$root/etc/dpkg/dpkg.cfg.d/asd-unsafe-io"
 fi
 
 # An image with no network has no use for the mirror; a local repository is added
