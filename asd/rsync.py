@@ -19,9 +19,11 @@ BASE_FLAGS = ("-aHAXS", "--numeric-ids", "--modify-window=-1")
 VANISHED = 24  # "some files vanished before they could be transferred": a browser pruning its cache
 
 
-def copy_tree(src: Path, dst: Path, *, exclude_top: tuple[str, ...] = ()) -> list[str]:
+def copy_tree(
+    src: Path, dst: Path, *, exclude_top: tuple[str, ...] = (), progress: bool = False
+) -> list[str]:
     """Copy the contents of ``src`` into ``dst`` (``dst`` takes ``src``'s own attributes)."""
-    argv = ["rsync", *BASE_FLAGS]
+    argv = ["rsync", *BASE_FLAGS, *(["--info=progress2"] if progress else [])]
     argv += [f"--exclude=/{name}" for name in exclude_top]
     return [*argv, f"{src}/", f"{dst}/"]
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import sh
 
@@ -43,8 +45,13 @@ def run(
     ok_codes: Collection[int] = (0,),
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    show_output: bool = False,
 ) -> Result:
-    """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``."""
+    """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
+
+    ``show_output`` passes the command's standard output straight to ours (progress lines on a
+    terminal); it is then not captured.
+    """
     log.debug("run: %s", shlex.join(argv))
     try:
         program = sh.Command(argv[0])
@@ -54,25 +61,31 @@ def run(
             None,
             message=f"{argv[0]} is not installed (or not on PATH); install it and try again.",
         ) from None
+    options: dict[str, Any] = {
+        "_env": command_env(env),
+        "_cwd": cwd,
+        "_in": os.devnull,
+        "_ok_code": list(ok_codes),
+        "_return_cmd": True,
+        "_decode_errors": "surrogateescape",
+    }
+    if show_output:
+        options["_out"] = sys.stdout
     try:
-        proc = program(
-            *argv[1:],
-            _env=command_env(env),
-            _cwd=cwd,
-            _in=os.devnull,
-            _ok_code=list(ok_codes),
-            _return_cmd=True,
-            _decode_errors="surrogateescape",
-        )
+        proc = program(*argv[1:], **options)
     except sh.ErrorReturnCode as exc:
+        if exc.exit_code < 0:
+            raise CommandError(
+                argv,
+                exc.exit_code,
+                message=f"{argv[0]} was killed by signal {-exc.exit_code}",
+            ) from None
         raise CommandError(
             argv,
             exc.exit_code,
             exc.stdout.decode("utf-8", "surrogateescape"),
             exc.stderr.decode("utf-8", "surrogateescape"),
         ) from None
-    except sh.SignalException as exc:  # pragma: no cover - sh raises subclasses above
-        raise CommandError(argv, exc.exit_code, message=f"{argv[0]} was killed") from None
     result = Result(argv, int(proc.exit_code), str(proc), proc.stderr.decode("utf-8", "replace"))
     if result.exit_code != 0:
         log.debug("%s exited %d (accepted)", argv[0], result.exit_code)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,9 @@ class Engine:
             secure_ram_root(self.instance.ram_root)
             path.mkdir(mode=0o700, parents=True)
         elif step.kind == "copy":
-            run(rsync.copy_tree(Path(step.source), path, exclude_top=(WORK_NAME,)))
+            tty = sys.stdout.isatty()
+            argv = rsync.copy_tree(Path(step.source), path, exclude_top=(WORK_NAME,), progress=tty)
+            run(argv, show_output=tty)
         elif step.kind == "lower":
             run(rsync.link_tree(Path(step.source), path, exclude_top=(WORK_NAME,)))
         elif step.kind == "overlay":

@@ -1,0 +1,222 @@
+"""Pure pieces of the engine: paths, mountinfo, command lines, change detection, journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from asd import rsync
+from asd.holders import holders
+from asd.journal import Journal
+from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
+from asd.mounts import MountTable, overlay, parse_mountinfo, umount, unescape
+from asd.state import RunState, StateStore, locked, write_json_atomic
+from asd.sync import Step, describe_plan, human, meminfo_available, plan_target
+from asd.tree import Changes, diff, index, outside_links
+
+MOUNTINFO = (
+    "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    "40 27 0:35 / /tmp rw,nosuid shared:2 - tmpfs tmpfs rw,size=100k\n"
+    "41 27 254:0 /home/a\\040b /srv/with\\040space rw - ext4 /dev/vda rw\n"
+    "42 27 251:0 / /var/cache rw - ext4 /dev/zram0 rw\n"
+    "43 41 0:40 / /srv/with\\040space/inner rw - nfs4 host:/x rw\n"
+)
+
+
+def test_mountinfo_octal_escapes_and_lookup() -> None:
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert mounts[2].mountpoint == "/srv/with space" and mounts[2].root == "/home/a b"
+    table = MountTable(mounts)
+    assert table.holding("/tmp/x/y").fstype == "tmpfs" and table.holding("/tmp").is_ram
+    assert table.holding("/tmpfoo").mountpoint == "/", "a prefix that is not a path component"
+    assert table.holding("/var/cache/apt").is_ram, "zram counts as RAM"
+    assert [m.mountpoint for m in table.below("/srv/with space")] == ["/srv/with space/inner"]
+    assert table.is_mountpoint("/srv/with space") and not table.is_mountpoint("/srv")
+    assert unescape("a\\134b\\011c") == "a\\b\tc"
+    with pytest.raises(ValueError):
+        parse_mountinfo("garbage without separator\n")
+
+
+def test_command_lines_are_data() -> None:
+    assert rsync.copy_tree(Path("/a"), Path("/b"), exclude_top=(".asd-work",)) == [
+        "rsync", "-aHAXS", "--numeric-ids", "--modify-window=-1",
+        "--exclude=/.asd-work", "/a/", "/b/",
+    ]  # fmt: skip
+    listed = rsync.copy_listed(Path("/r"), Path("/s"), Path("/l"))
+    assert listed[-3:] == ["--files-from=/l", "/r/", "/s/"] and "--from0" in listed
+    assert "--link-dest=/d" in rsync.link_tree(Path("/d"), Path("/l"))
+    assert rsync.ok_codes(allow_vanished=True) == (0, 24)
+    assert rsync.ok_codes(allow_vanished=False) == (0,)
+    assert umount(Path("/x")) == ["umount", "/x"]
+    assert umount(Path("/x"), lazy=True) == ["umount", "-l", "/x"]
+    opts = overlay(Path("/lo"), Path("/up"), Path("/wo"), Path("/m"))[4]
+    assert "lowerdir=/lo" in opts and "index=on" in opts and "redirect_dir=on" in opts
+
+
+def test_layout_names_follow_upstream() -> None:
+    inst = Instance(DEFAULT_CONFIG, Path("/tmp"))
+    bar = inst.target(Path("/foo/bar"))
+    assert bar.backup == Path("/foo/.bar-backup_asd")
+    assert inst.target(Path("/foo/.cache")).backup == Path("/foo/.cache-backup_asd")
+    assert bar.ram_copy == Path("/tmp/asd-root/foo/bar")
+    assert bar.snapshot_prefix == ".bar-backup_asd-crashrecovery-"
+    assert bar.disk_work == Path("/foo/.bar-backup_asd/.asd-work")
+    assert hidden_name(".x") == ".x" and hidden_name("x") == ".x"
+    other = Instance(Path("/etc/other.conf"), Path("/dev/shm"))
+    assert other.name != inst.name and other.name.startswith("asd-")
+    assert other.state_file != inst.state_file and other.lock_file != inst.lock_file
+    assert other.ram_root != inst.ram_root
+    assert instance_name(Path("/etc/other.conf")) == other.name
+
+
+def test_plan_has_recovery_first_and_serving_last() -> None:
+    inst = Instance(DEFAULT_CONFIG, Path("/tmp"))
+    for overlay_mode in (False, True):
+        steps = plan_target(inst.target(Path("/foo/bar")), overlay_mode)
+        kinds = [s.kind for s in steps]
+        assert kinds[0] == "recover" and kinds[-1] == "bind-target"
+        assert ("overlay" in kinds) == overlay_mode and ("copy" in kinds) != overlay_mode
+        assert kinds.index("mark") < kinds.index("bind-backup") < kinds.index("index")
+        for s in steps:
+            assert Step.from_json(s.to_json()) == s
+            assert s.describe()
+
+
+def test_describe_plan_mentions_every_target() -> None:
+    from asd.config import Config
+
+    conf = Config(Path("/etc/asd.conf"), whattosync=(Path("/a"), Path("/b")))
+    text = "\n".join(describe_plan(conf, Instance(conf.path, conf.volatile)))
+    assert "/a" in text and "/b" in text and "bind-mount" in text
+
+
+def test_diff_finds_exactly_what_changed(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep").write_text("k")
+    (tmp_path / "d" / "edit").write_text("1")
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "x").write_text("x")
+    old = index(tmp_path)
+    assert diff(old, index(tmp_path)).empty
+    (tmp_path / "d" / "edit").write_text("2")
+    import shutil
+
+    shutil.rmtree(tmp_path / "gone")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "f").write_text("f")
+    ch = diff(old, index(tmp_path))
+    assert ch.deleted == ("gone",), "a deleted tree is one deletion"
+    assert ch.files == ("d/edit", "new/f")
+    assert set(ch.dirs) == {"", "d", "new"}
+    assert ch.count() == 3
+
+
+def test_diff_sees_metadata_and_type_changes(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "l").write_text("y")
+    old = index(tmp_path)
+    os.chmod(tmp_path / "f", 0o600)
+    (tmp_path / "l").unlink()
+    os.symlink("f", tmp_path / "l")
+    ch = diff(old, index(tmp_path))
+    assert "f" in ch.files and "l" in ch.files and "l" in ch.deleted
+
+
+def test_outside_links(tmp_path: Path) -> None:
+    inside = tmp_path / "t"
+    inside.mkdir()
+    (inside / "a").write_text("a")
+    os.link(inside / "a", inside / "b")
+    assert outside_links(inside) == []
+    os.link(inside / "a", tmp_path / "outside")
+    assert outside_links(inside) in (["a"], ["b"]), "one name of the split inode"
+
+
+def test_journal_roll_forward_is_idempotent(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    (disk / "sub").mkdir(parents=True)
+    (disk / "old").write_text("old")
+    (disk / "sub" / "f").write_text("v1")
+    j = Journal(disk)
+    stage = j.new_stage()
+    (stage / "sub").mkdir()
+    (stage / "sub" / "f").write_text("v2")
+    (stage / "sub" / "n").write_text("new")
+    os.utime(stage / "sub", ns=(0, 123_000_000_000))
+    changes = Changes(deleted=("old",), files=("sub/f", "sub/n"), dirs=("sub",))
+    # Commit but "crash" before applying: write the record the way commit() does.
+    from asd.journal import dir_metadata
+
+    meta = {"sub": dir_metadata(stage / "sub")}
+    write_json_atomic(j.record, {"deleted": ["old"], "dirs": meta, "files": list(changes.files)})
+    os.rename(stage / "sub" / "f", disk / "sub" / "f")  # half applied
+    assert j.recover() is not None
+    assert (disk / "sub" / "f").read_text() == "v2" and (disk / "sub" / "n").read_text() == "new"
+    assert not (disk / "old").exists()
+    assert os.lstat(disk / "sub").st_mtime_ns == 123_000_000_000
+    assert not j.record.exists() and not j.stage.exists()
+    assert j.recover() is None
+
+
+def test_journal_discards_an_uncommitted_stage(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (disk / "f").write_text("kept")
+    j = Journal(disk)
+    (j.new_stage() / "f").write_text("half")
+    assert "discarded" in (j.recover() or "")
+    assert (disk / "f").read_text() == "kept" and not j.stage.exists()
+
+
+def test_state_roundtrip_and_lock(tmp_path: Path) -> None:
+    inst = Instance(Path("/etc/x.conf"), Path("/tmp"), run_dir=tmp_path / "run")
+    store = StateStore(inst)
+    assert store.load() is None
+    state = RunState("syncing", {"a": 1})
+    store.record(state, "/t", {"kind": "mkdir", "target": "/t", "path": "/p", "source": ""})
+    loaded = store.load()
+    assert loaded is not None and loaded.actions == state.actions and loaded.status == "syncing"
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    store.path.write_text("{broken")
+    from asd.errors import StateError
+
+    with pytest.raises(StateError, match="cannot read the run state"):
+        store.load()
+    store.path.write_text(json.dumps({"version": 99}))
+    with pytest.raises(StateError, match="unknown version"):
+        store.load()
+    with locked(inst, "resync"):
+        assert "asd resync" in inst.lock_file.read_text()
+    assert inst.lock_file.read_text() == ""
+
+
+def test_holders_reads_a_proc_tree(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    p = proc / "4242"
+    (p / "fd").mkdir(parents=True)
+    (p / "comm").write_text("firefox\n")
+    os.symlink("/home/a/.cache/x (deleted)", p / "fd" / "3")
+    os.symlink("/elsewhere", p / "fd" / "4")
+    os.symlink("/home/a/.cache", p / "cwd")
+    (p / "maps").write_text("7f00-7f01 r--p 0 08:01 12 /home/a/.cache/lib.so\n")
+    (proc / "self").mkdir()
+    found = holders([Path("/home/a/.cache")], proc=proc)
+    assert {h.path for h in found} == {
+        "/home/a/.cache/x",
+        "/home/a/.cache",
+        "/home/a/.cache/lib.so",
+    }
+    assert all(h.pid == 4242 and h.command == "firefox" for h in found)
+    assert "pid 4242 (firefox)" in found[0].describe()
+    assert holders([Path("/home/a/.cach")], proc=proc) == []
+
+
+def test_sizes_and_memory(tmp_path: Path) -> None:
+    assert human(512) == "512 B" and human(3 * 1024 * 1024) == "3.0 MiB"
+    (tmp_path / "m").write_text("MemTotal: 10 kB\nMemAvailable:   2048 kB\n")
+    assert meminfo_available(str(tmp_path / "m")) == 2 * 1024 * 1024
+    assert meminfo_available(str(tmp_path / "none")) is None
