@@ -195,6 +195,9 @@ def dry_run(command: str, engine: Engine, out: Output) -> int:
 def act(command: str, args: argparse.Namespace, engine: Engine, out: Output) -> int:
     if command == "sync":
         if engine.store.load() is None:
+            if not engine.config.whattosync:
+                out.say(f"no sync targets: WHATTOSYNC in {engine.config.path} is empty")
+                return 0
             config.check_paths(engine.config, MountTable.read())
         done = engine.sync()
         for target in done:

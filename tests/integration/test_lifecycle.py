@@ -197,3 +197,57 @@ def test_service_style_exit_codes(world: World) -> None:
     assert world.asd("sync", check=True).returncode == 0
     st = os.stat(world.conf)
     assert stat.S_ISREG(st.st_mode)
+
+
+def test_merged_view_stays_right_across_resyncs(world: World) -> None:
+    """Overlay mode's hazard: asd must never change what the overlay reads from. Create in a
+    new directory, resync, then delete, rename, modify and link: after each resync the view
+    and the disk copy agree, and nothing deleted comes back."""
+    target = world.target("t")
+    (target / "base").mkdir()
+    (target / "base" / "keep").write_text("keep\n")
+    (target / "base" / "edit").write_text("v1\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    rounds = [
+        "mkdir -p new/dir && echo a > new/dir/a && echo b > base/b",
+        "rm new/dir/a && mv base/b base/b2 && echo v2 >> base/edit && ln base/keep base/keep2",
+        "mv new moved && rm base/keep && echo c > moved/dir/c",
+        "rm -r moved && mkdir new && echo again > new/a",
+    ]
+    for i, script in enumerate(rounds):
+        world.run(["sh", "-c", f"cd {target} && {script}"], check=True)
+        world.asd("resync", check=True)
+        view = inside_manifest(world, target)
+        assert manifest(target) == view, f"round {i}: disk copy and view differ"
+        # Drop the kernel's caches: a stale overlay dentry would now resurface lower files.
+        world.run(["sh", "-c", "sync; echo 2 > /proc/sys/vm/drop_caches"], check=True)
+        assert inside_manifest(world, target) == view, f"round {i}: the view changed by itself"
+    world.asd("unsync", check=True)
+    assert sorted(os.listdir(target)) == ["base", "new"]
+    assert (target / "new" / "a").read_text() == "again\n"
+    assert os.lstat(target / "base" / "keep2").st_nlink == 1
+
+
+def test_config_edits_apply_at_next_start_and_asdconf_picks_the_config(world: World) -> None:
+    first = world.target("first")
+    second = world.target("second")
+    world.write_conf(first)
+    env = {"ASDCONF": str(world.conf)}
+    world.run([sys.executable, "-m", "asd", "sync"], check=True, env=env)
+    world.write_conf(second)
+    doc = json.loads(world.asd("parse", "--json", check=True).stdout)
+    assert [t["path"] for t in doc["targets"]] == [str(first)], "parse must show the running config"
+    assert "apply at the next start" in world.asd("sync", check=True).stderr
+    assert world.mounted_at(second) == 0
+    world.asd("unsync", check=True)
+    world.asd("sync", check=True)
+    assert world.mounted_at(second) == 1 and world.mounted_at(first) == 0
+
+
+def test_empty_whattosync_is_a_quiet_no_op(copy_world: World) -> None:
+    copy_world.conf.write_text("WHATTOSYNC=()\n")
+    out = copy_world.asd("sync", check=True)
+    assert "WHATTOSYNC" in out.stdout and "is empty" in out.stdout
+    assert copy_world.asd_mounts() == []
+    assert copy_world.asd("resync").returncode == 1
