@@ -32,12 +32,21 @@ base() { # TAG LIST [PARENT]
         return
     fi
     old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
-    if [ -n "${3:-}" ]; then
-        ASD_INPUTS_HASH=$h ./mkrootfs.sh --from "$3" "$tag" "$2"
-    else
-        ASD_INPUTS_HASH=$h ./mkrootfs.sh "$tag" "$2"
+    set -- "$tag" "$2" ${3:+"$3"}
+    # a mirror hiccup should not fail a CI run: one more try
+    if ! mkrootfs "$@"; then
+        echo "images: building $tag failed; trying once more" >&2
+        sleep 10
+        mkrootfs "$@"
     fi
     drop_old "$old"
+}
+mkrootfs() { # TAG LIST [PARENT]
+    if [ -n "${3:-}" ]; then
+        ASD_INPUTS_HASH=$h ./mkrootfs.sh --from "$3" "$1" "$2"
+    else
+        ASD_INPUTS_HASH=$h ./mkrootfs.sh "$1" "$2"
+    fi
 }
 stale=
 drop_old() { # remember the image a rebuild replaced; removed at the end (children first)

@@ -87,10 +87,10 @@ else
     mkdir -p "$cache/apt"
     mount --bind "$cache/apt" "$root/var/cache/apt/archives"
     mount -t proc proc "$root/proc"
-    chroot "$root" apt-get update -o Acquire::Languages=none >&2
+    chroot "$root" apt-get update -o Acquire::Languages=none -o Acquire::Retries=3 >&2
     # shellcheck disable=SC2086 # one word per package
     DEBIAN_FRONTEND=noninteractive chroot "$root" \
-        apt-get install -y --no-install-recommends $pkgs >&2
+        apt-get install -y --no-install-recommends -o Acquire::Retries=3 $pkgs >&2
     unmount_all
     rm -f "$root/etc/dpkg/dpkg.cfg.d/asd-unsafe-io"
 fi
