@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import sys
 from typing import Any
 
 import pytest
+
+import asd
+import asd.run
 
 
 @pytest.fixture(autouse=True)
@@ -12,11 +18,12 @@ def _no_real_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(argv: list[str], **_: Any) -> Any:
         raise AssertionError(f"unit test tried to run a command: {argv}")
 
-    monkeypatch.setattr("asd.run.run", refuse)
-    for mod in ("asd.mounts", "asd.sync", "asd.snapshots", "asd.devices", "asd.report"):
-        try:
-            __import__(mod)
-        except ImportError:
-            continue
-        if hasattr(__import__(mod, fromlist=["run"]), "run"):
-            monkeypatch.setattr(f"{mod}.run", refuse)
+    real = asd.run.run
+    for info in pkgutil.iter_modules(asd.__path__, "asd."):
+        if info.name != "asd.__main__":
+            importlib.import_module(info.name)
+    monkeypatch.setattr(asd.run, "run", refuse)
+    # Modules that did `from asd.run import run` hold their own reference: replace it too.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("asd.") and getattr(module, "run", None) is real:
+            monkeypatch.setattr(module, "run", refuse)
