@@ -7,9 +7,9 @@ makepkg and pacman 7 (the asd-build image, booting systemd). What it covers:
   installer), with --nodeps because pacman's database knows no Arch packages;
 - the package's .PKGINFO (name, version, arch, depends, backup) and its file list;
 - `pacman -U --nodeps --nodeps` installs it (twice: skip the dependency checks
-  entirely, as pacman's database holds none of them) (and the .install scriptlet runs), then asd.service
-  from the installed files syncs, resyncs and unsyncs real data, and `pacman -R`
-  stops asd first.
+  entirely, as pacman's database holds none of them) and runs the .install
+  scriptlet; then asd.service from the installed files syncs, resyncs and unsyncs
+  real data, and `pacman -R` stops asd first.
 What it does not cover: Arch's python (the code runs on Debian's python3 from
 /usr/lib/python3/dist-packages, see docker/build-arch.sh), Arch's python-sh and
 python-pyudev, or pacman resolving the dependencies.

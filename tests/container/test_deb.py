@@ -90,6 +90,13 @@ def test_install_from_local_repository(deb_box: Container) -> None:
         .strip()
         .endswith(box.out("dpkg-query -W -f '${Version}' anything-sync-daemon").split("-")[0])
     )
+    assert "WHATTOSYNC" in box.out("MANWIDTH=80 man asd.conf 2>/dev/null")
+    assert "resync" in box.out("MANWIDTH=80 man anything-sync-daemon 2>/dev/null")
+    completion = box.out(
+        "bash -c '. /usr/share/bash-completion/completions/asd;"
+        " complete -p asd anything-sync-daemon'"
+    )
+    assert completion.count("-F _asd") == 2, completion
     # enabled by the package, but the stock config (no targets) skips the start
     assert box.systemctl("is-enabled", "asd.service").stdout.strip() == "enabled"
     assert box.systemctl("is-enabled", "asd-sleep.service").stdout.strip() == "enabled"
