@@ -83,8 +83,25 @@ def asd_engine() -> None:
     done = sh([str(DOCKER / "engine.sh")], check=False)
     if done.returncode != 0:
         pytest.skip(f"no Docker engine could be started: {done.stderr.strip()[-500:]}")
-    # containers left behind by an interrupted run
-    stale = sh(["docker", "ps", "-aq", "--filter", f"label={LABEL}"]).stdout.split()
+    # containers left behind by an interrupted run: their project is named after a
+    # pytest process that no longer exists (a concurrent run's are left alone)
+    listed = sh(
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            f"label={LABEL}",
+            "--format",
+            '{{.ID}} {{.Label "com.docker.compose.project"}}',
+        ]
+    ).stdout
+    stale = []
+    for line in listed.splitlines():
+        cid, _, project = line.partition(" ")
+        pid = project.rpartition("-")[2]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            stale.append(cid)
     if stale:
         sh(["docker", "rm", "-f", *stale])
 
