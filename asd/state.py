@@ -27,20 +27,32 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-def write_json_atomic(path: Path, data: object, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+def write_json_atomic(
+    path: Path, data: object, mode: int = 0o600, *, dir_fd: int | None = None
+) -> None:
+    """Write ``data`` to ``path`` whole or not at all. With ``dir_fd``, ``path.name`` is
+    written in that already opened directory (no name above it is looked up again)."""
+    if dir_fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        dfd = os.dup(dir_fd)
     try:
-        os.fchmod(fd, mode)
-        os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
+        tmp = f".{path.name}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, mode, dir_fd=dfd)
+            try:
+                os.fchmod(fd, mode)
+                os.write(fd, json.dumps(data, indent=1, sort_keys=True).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+        except OSError as exc:
+            # Name the file: a bare "No space left on device" tells the user nothing.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(dfd)
 
@@ -93,6 +105,8 @@ class StateStore:
             data = read_json(self.path)
         except FileNotFoundError:
             return None
+        except PermissionError as exc:
+            raise StateError(f"cannot read the run state {self.path}: run asd as root") from exc
         except (OSError, ValueError) as exc:
             raise StateError(
                 f"cannot read the run state {self.path}: {exc}; if asd is not running, "
