@@ -190,6 +190,12 @@ class Container:
             )
         return done
 
+    def write(self, path: str, text: str) -> None:
+        """Create `path` (and its parents) in the container holding exactly `text`."""
+        script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
+        argv = ["docker", "exec", "-i", self.id, "sh", "-ec", script, "sh", path]
+        subprocess.run(argv, input=text, text=True, check=True, capture_output=True, timeout=60)
+
     def out(self, script: str) -> str:
         return self.run(script).stdout
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import stat
 
 import pytest
@@ -36,10 +37,6 @@ OnUnitActiveSec=
 OnUnitActiveSec=10min
 """
 UNITS = ("asd.service", "asd-resync.service", "asd-resync.timer", "asd-sleep.service")
-
-
-def write(box: Container, path: str, text: str) -> None:
-    box.run(f"mkdir -p \"$(dirname '{path}')\" && printf %s '{text}' > '{path}'")
 
 
 def in_ram(box: Container) -> dict[str, str]:
@@ -111,11 +108,44 @@ def test_units_verify_clean(deb_box: Container) -> None:
     assert done.stderr.strip() == "", done.stderr
 
 
+def test_config_error_fails_the_unit_and_generator_writes_nothing(deb_box: Container) -> None:
+    box = deb_box
+    box.write("/etc/asd.conf", "WHATTOSYNC=('/srv/x')\nNOT_A_SETTING=1\n")
+    box.run("systemctl daemon-reload")
+    assert box.run("ls /run/systemd/generator/asd.service.d/", check=False).stdout == ""
+    assert box.show("asd.service", "RequiresMountsFor") == ""
+    # the condition lets a broken config through to `asd sync`, which refuses it
+    assert box.systemctl("start", "asd.service", check=False).returncode != 0
+    assert box.show("asd.service", "ActiveState") == "failed"
+    assert box.show("asd.service", "ExecMainStatus") == "2"
+    assert "/etc/asd.conf:2" in box.out("journalctl -b -u asd.service --no-pager -o cat")
+    box.run("systemctl reset-failed asd.service")
+
+
+def test_generator_output_reads_back_exactly_in_systemd(deb_box: Container) -> None:
+    """A path with a space, a quote, a backslash and a % survives the drop-in."""
+    box = deb_box
+    odd = '/srv/odd name "q" back\\slash 100%'
+    box.write("/root/odd.conf", f"WHATTOSYNC=('{odd}')\nVOLATILE=/tmp\n")
+    box.run(
+        "ASDCONF=/root/odd.conf /usr/lib/systemd/system-generators/asd-generator /root/gen"
+        " && mkdir -p /run/systemd/system"
+        " && printf '[Service]\\nType=oneshot\\nExecStart=/bin/true\\n'"
+        " > /run/systemd/system/asd-odd.service"
+        " && cp -r /root/gen/asd.service.d /run/systemd/system/asd-odd.service.d"
+        " && systemctl daemon-reload"
+    )
+    # systemctl show quotes a word with spaces again, C-style
+    needs = shlex.split(box.show("asd-odd.service", "RequiresMountsFor"))
+    assert sorted(needs) == sorted([odd, "/tmp"])
+    box.run("rm -r /run/systemd/system/asd-odd.service* /root/gen && systemctl daemon-reload")
+
+
 def test_generator_adds_mount_dependencies(deb_box: Container) -> None:
     box = deb_box
-    write(box, "/etc/asd.conf", CONF)
-    write(box, f"{ONE}/hello.txt", "one: written before sync")
-    write(box, f"{TWO}/deep/er/file.txt", "two: written before sync")
+    box.write("/etc/asd.conf", CONF)
+    box.write(f"{ONE}/hello.txt", "one: written before sync")
+    box.write(f"{TWO}/deep/er/file.txt", "two: written before sync")
     box.run("systemctl daemon-reload")
     needs = box.show("asd.service", "RequiresMountsFor").split()
     assert set(needs) >= {ONE, TWO, VOLATILE}
@@ -135,7 +165,7 @@ def test_enable_now_serves_targets_from_ram(deb_box: Container) -> None:
 
 def test_resync_puts_ram_writes_on_disk(deb_box: Container) -> None:
     box = deb_box
-    write(box, f"{ONE}/new.txt", "one: written in RAM")
+    box.write(f"{ONE}/new.txt", "one: written in RAM")
     assert disk_text(box, f"{ONE}/new.txt") is None  # only in RAM so far
     box.run("systemctl start asd-resync.service")
     assert box.show("asd-resync.service", "Result") == "success"
@@ -147,7 +177,7 @@ def test_resync_puts_ram_writes_on_disk(deb_box: Container) -> None:
 def test_sleep_unit_resyncs(deb_box: Container) -> None:
     box = deb_box
     assert "asd-sleep.service" in box.show("sleep.target", "Wants").split()
-    write(box, f"{TWO}/before-suspend.txt", "two: written before suspend")
+    box.write(f"{TWO}/before-suspend.txt", "two: written before suspend")
     box.run("systemctl start asd-sleep.service")
     assert box.show("asd-sleep.service", "Result") == "success"
     assert disk_text(box, f"{TWO}/before-suspend.txt") == "two: written before suspend"
@@ -157,7 +187,7 @@ def test_frequency_dropin_takes_effect(deb_box: Container) -> None:
     box = deb_box
     assert "OnUnitActiveUSec=1h" in box.show("asd-resync.timer", "TimersMonotonic")
     assert timer_left_usec(box) > 10 * 60 * 1_000_000
-    write(box, "/etc/systemd/system/asd-resync.timer.d/frequency.conf", FREQUENCY)
+    box.write("/etc/systemd/system/asd-resync.timer.d/frequency.conf", FREQUENCY)
     box.run("systemctl daemon-reload")
     timers = box.show("asd-resync.timer", "TimersMonotonic")
     assert "OnUnitActiveUSec=10min" in timers
@@ -167,7 +197,7 @@ def test_frequency_dropin_takes_effect(deb_box: Container) -> None:
 
 def test_stop_leaves_latest_data_on_disk_and_nothing_mounted(deb_box: Container) -> None:
     box = deb_box
-    write(box, f"{ONE}/at-stop.txt", "one: written just before stop")
+    box.write(f"{ONE}/at-stop.txt", "one: written just before stop")
     box.run("systemctl stop asd.service")
     assert box.show("asd.service", "ActiveState") == "inactive"
     assert box.show("asd-resync.timer", "ActiveState") == "inactive"
@@ -180,10 +210,10 @@ def test_stop_leaves_latest_data_on_disk_and_nothing_mounted(deb_box: Container)
 
 def test_crash_then_boot_recovers_last_resync(deb_box: Container) -> None:
     box = deb_box
-    write(box, f"{ONE}/resynced.txt", "one: in the last resync")
+    box.write(f"{ONE}/resynced.txt", "one: in the last resync")
     box.run("systemctl start asd-resync.service")
-    write(box, f"{ONE}/lost.txt", "one: after the last resync")
-    write(box, f"{ONE}/resynced.txt", "one: changed after the last resync")
+    box.write(f"{ONE}/lost.txt", "one: after the last resync")
+    box.write(f"{ONE}/resynced.txt", "one: changed after the last resync")
     assert box.out(f"ls -A {ONE.rsplit('/', 1)[0]}").count("crashrecovery") == 0
 
     box.kill_and_start()  # power cut: RAM (the container's tmpfs) is gone
@@ -209,7 +239,7 @@ def test_crash_then_boot_recovers_last_resync(deb_box: Container) -> None:
 def test_upgrade_while_running_loses_nothing(deb_box: Container) -> None:
     box = deb_box
     old = box.out("dpkg-query -W -f '${Version}' anything-sync-daemon")
-    write(box, f"{TWO}/before-upgrade.txt", "two: only in RAM when the upgrade starts")
+    box.write(f"{TWO}/before-upgrade.txt", "two: only in RAM when the upgrade starts")
     box.run(
         "printf 'Types: deb\\nURIs: file:/srv/out/deb-upgrade\\nSuites: ./\\nTrusted: yes\\n'"
         " > /etc/apt/sources.list.d/asd-upgrade.sources"
@@ -230,7 +260,7 @@ def test_upgrade_while_running_loses_nothing(deb_box: Container) -> None:
 
 def test_purge_stops_first_data_on_disk_nothing_mounted(deb_box: Container) -> None:
     box = deb_box
-    write(box, f"{ONE}/before-purge.txt", "one: only in RAM when purge starts")
+    box.write(f"{ONE}/before-purge.txt", "one: only in RAM when purge starts")
     box.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y anything-sync-daemon")
     assert box.run("dpkg-query -W anything-sync-daemon", check=False).stdout.strip() in (
         "",
