@@ -37,6 +37,11 @@ def hidden_name(name: str) -> str:
     return name if name.startswith(".") else f".{name}"
 
 
+def backup_path(target: Path) -> Path:
+    """Where the disk copy of ``target`` is reachable while asd runs (upstream's name)."""
+    return target.parent / f"{hidden_name(target.name)}-backup_asd"
+
+
 @dataclass(frozen=True)
 class Instance:
     config_path: Path
@@ -79,7 +84,7 @@ class TargetLayout:
 
     @property
     def backup(self) -> Path:
-        return self.target.parent / f"{hidden_name(self.target.name)}-backup_asd"
+        return backup_path(self.target)
 
     @property
     def ram_copy(self) -> Path:
