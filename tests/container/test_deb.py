@@ -204,8 +204,13 @@ def test_stop_leaves_latest_data_on_disk_and_nothing_mounted(deb_box: Container)
     assert asd_mounts(box) == []
     assert disk_text(box, f"{ONE}/at-stop.txt") == "one: written just before stop"
     assert box.out(f"cat {ONE}/at-stop.txt") == "one: written just before stop"
+    # a manual resync while asd is stopped is skipped, and starts no timer
+    box.run("systemctl start asd-resync.service")
+    assert box.show("asd-resync.service", "Result") == "exec-condition"
+    assert box.show("asd-resync.timer", "ActiveState") == "inactive"
     box.run("systemctl start asd.service")
     assert in_ram(box) == {ONE: "tmpfs", TWO: "tmpfs"}
+    assert box.show("asd-resync.timer", "ActiveState") == "active"
 
 
 def test_crash_then_boot_recovers_last_resync(deb_box: Container) -> None:
