@@ -1,0 +1,513 @@
+"""asd's benchmark: what sync, resync and unsync cost, on a real ext4 disk and a real tmpfs.
+
+Run by `make bench` (or `make bench QUICK=1`), as root. It re-executes itself inside a private
+mount namespace (`unshare -m --propagation private`): every mount it makes (the ext4 image, the
+tmpfs VOLATILE, a tmpfs on /run/asd for asd's run state) lives and dies there. The only thing
+outside is the loop device, which is detached at the end.
+
+Per data set and mode (copy, overlay) it measures each phase — sync, resync after 500 changed
+files, an idle resync, unsync — for wall time, bytes written to the loop device (sectors
+written in /sys/block/loopN/stat, after `sync`) and RAM used in VOLATILE (tmpfs used bytes).
+After unsync it remounts the ext4 image and checks that the disk holds exactly what programs
+saw in RAM before the unsync. It also times `cp -a` of the same tree into the same tmpfs, and
+`asd parse` on ten synced targets. Prints a table, writes out/bench.json.
+
+This is a measurement, not a test: nothing here asserts a threshold; the goals of issue 6 are
+printed beside the numbers.
+"""
+
+# The benchmark runs fixed commands (mount, losetup, asd itself) on purpose (S603, S607),
+# under a fixed root-only scratch directory (S108), with seeded randomness for data (S311).
+# ruff: noqa: S603, S607, S108, S311
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = Path("/var/tmp/asd-bench")
+IN_NS = "ASD_BENCH_IN_NAMESPACE"
+MiB = 1024 * 1024
+
+
+# ----- data sets ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    files: int
+    large_share: float  # share of files drawn from the large-size range
+    per_dir: int  # files per leaf directory
+
+    def sizes(self, rng: random.Random) -> list[int]:
+        out = []
+        for _ in range(self.files):
+            if rng.random() < self.large_share:
+                out.append(int(2 ** rng.uniform(16, 22)))  # 64 KiB .. 4 MiB
+            else:
+                out.append(int(2 ** rng.uniform(8, 14)))  # 256 B .. 16 KiB
+        return out
+
+
+def datasets(quick: bool) -> list[DataSet]:
+    if quick:
+        return [
+            DataSet("mix-5k", 5_000, 0.08, 250),
+            DataSet("small-10k", 10_000, 0.0, 500),
+            DataSet("small-40k", 40_000, 0.0, 500),
+        ]
+    return [
+        DataSet("mix-20k", 20_000, 0.08, 250),  # a browser cache: ~90 % small, some large
+        DataSet("small-50k", 50_000, 0.0, 500),
+        DataSet("small-200k", 200_000, 0.0, 500),
+    ]
+
+
+_NOISE = os.urandom(8 * MiB)
+
+
+def blob(rng: random.Random, size: int) -> bytes:
+    """Incompressible bytes, different per call (a slice of a random buffer at a random offset)."""
+    out = bytearray()
+    while len(out) < size:
+        n = min(size - len(out), len(_NOISE) // 2)
+        off = rng.randrange(len(_NOISE) - n)
+        out += _NOISE[off : off + n]
+    return bytes(out)
+
+
+def populate(root: Path, ds: DataSet, rng: random.Random) -> int:
+    """Write the data set under root (two levels of hex directories, like cache2/Cache_Data)."""
+    total = 0
+    for i, size in enumerate(ds.sizes(rng)):
+        d = root / f"{(i // ds.per_dir) // 16:02x}" / f"{(i // ds.per_dir) % 16:x}"
+        if i % ds.per_dir == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"{rng.getrandbits(64):016x}").write_bytes(blob(rng, size))
+        total += size
+    (root / "index").write_bytes(blob(rng, 4096))
+    os.symlink("index", root / "index.lnk")
+    return total
+
+
+def regular_files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".asd-work"]
+        out += [Path(dirpath, f) for f in filenames]
+    return sorted(p for p in out if stat.S_ISREG(os.lstat(p).st_mode))
+
+
+def change(root: Path, rng: random.Random, n: int = 500) -> dict[str, int]:
+    """What a program does between two resyncs: n files rewritten, appended, created, deleted
+    (40 %, 20 %, 20 %, 20 %). Returns the bytes it wrote and the sizes of the files it touched."""
+    files = regular_files(root)
+    picked = rng.sample(files, n - n // 5)
+    n_rewrite, n_append = (2 * n) // 5, n // 5
+    rewrite, append = picked[:n_rewrite], picked[n_rewrite : n_rewrite + n_append]
+    delete = picked[n_rewrite + n_append :]
+    written = touched = 0
+    for p in rewrite:
+        size = p.stat().st_size
+        p.write_bytes(blob(rng, size))  # truncate and write, as a cache rewriting an entry
+        written += size
+        touched += size
+    for p in append:
+        extra = blob(rng, 4096)
+        with open(p, "ab") as fh:
+            fh.write(extra)
+        written += len(extra)
+        touched += p.stat().st_size
+    for i in range(n // 5):
+        d = rng.choice(files).parent
+        data = blob(rng, int(2 ** rng.uniform(10, 14)))
+        (d / f"new-{i:04d}-{rng.getrandbits(32):08x}").write_bytes(data)
+        written += len(data)
+        touched += len(data)
+    for p in delete:
+        p.unlink()
+    return {"changed_files": n, "changed_bytes": written, "changed_file_bytes": touched}
+
+
+# ----- measuring ----------------------------------------------------------------------------
+def sh(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)
+
+
+def sectors_written(loop: str) -> int:
+    fields = Path(f"/sys/block/{Path(loop).name}/stat").read_text().split()
+    return int(fields[6]) * 512
+
+
+def tmpfs_used(path: Path) -> int:
+    vfs = os.statvfs(path)
+    return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".asd-work"]
+        for f in filenames:
+            total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def manifest(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything a program sees: type, mode, owner, size, mtime, content hash, link target."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in ["", *dirnames, *filenames]:
+            if name == "" and dirpath != str(root):
+                continue
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            data: Any = None
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as fh:
+                    data = hashlib.file_digest(fh, "sha1").hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                data = os.readlink(path)
+            mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
+            size = None if stat.S_ISDIR(st.st_mode) else st.st_size  # tmpfs and ext4 differ
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, size, mtime, data)
+    return out
+
+
+class Bench:
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.base = BASE
+        self.img = self.base / "disk.img"
+        self.disk = self.base / "disk"
+        self.volatile = self.base / "volatile"
+        self.loop = ""
+        self.results: dict[str, Any] = {"quick": quick, "runs": [], "cp_a": [], "parse": {}}
+
+    # --- the machine --------------------------------------------------------------------
+    def setup(self, image_size: str) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        for d in (self.disk, self.volatile):
+            d.mkdir(exist_ok=True)
+        self.img.unlink(missing_ok=True)
+        sh("truncate", "-s", image_size, str(self.img))
+        self.loop = sh("losetup", "--find", "--show", str(self.img)).stdout.strip()
+        # Initialise inode tables and journal now, so no background writes count later.
+        sh("mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", self.loop)
+        sh("mount", self.loop, str(self.disk))
+        sh(
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=8g,mode=1777",
+            "asd-bench-volatile",
+            str(self.volatile),
+        )
+        Path("/run/asd").mkdir(exist_ok=True)
+        sh("mount", "-t", "tmpfs", "-o", "mode=0755", "asd-bench-run", "/run/asd")
+
+    def teardown(self) -> None:
+        for m in ("/run/asd", str(self.volatile), str(self.disk)):
+            subprocess.run(["umount", m], capture_output=True, check=False)
+        if self.loop:
+            subprocess.run(["losetup", "-d", self.loop], check=False)
+            self.loop = ""
+        self.img.unlink(missing_ok=True)
+
+    def remount_disk(self) -> None:
+        """Read the disk back from the device itself, not from what the page cache holds."""
+        sh("umount", str(self.disk))
+        drop_caches()
+        sh("mount", self.loop, str(self.disk))
+
+    def asd(self, conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("ASDCONF", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "asd", "-c", str(conf), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"asd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def phase(self, conf: Path, *args: str) -> dict[str, float]:
+        os.sync()
+        before = sectors_written(self.loop)
+        started = time.monotonic()
+        self.asd(conf, *args)
+        wall = time.monotonic() - started
+        os.sync()
+        return {
+            "seconds": round(wall, 3),
+            "disk_bytes": sectors_written(self.loop) - before,
+            "ram_bytes": tmpfs_used(self.volatile),
+            "index_bytes": tmpfs_used(Path("/run/asd")),
+        }
+
+    # --- one data set -------------------------------------------------------------------
+    def run_dataset(self, ds: DataSet, modes: list[str]) -> None:
+        rng = random.Random(ds.name)
+        target = self.disk / "cache"
+        target.mkdir()
+        t0 = time.monotonic()
+        populate(target, ds, rng)
+        size = tree_bytes(target)
+        print(
+            f"== {ds.name}: {ds.files} files, {size / MiB:.0f} MiB "
+            f"(written in {time.monotonic() - t0:.0f} s)",
+            flush=True,
+        )
+        self.cp_a(ds, target, size)
+        for mode in modes:
+            conf = self.base / f"asd-{mode}.conf"
+            conf.write_text(
+                f"WHATTOSYNC=('{target}')\nVOLATILE=\"{self.volatile}\"\n"
+                f'USE_OVERLAYFS="{"yes" if mode == "overlay" else "no"}"\n'
+            )
+            drop_caches()
+            run: dict[str, Any] = {
+                "dataset": ds.name,
+                "files": ds.files,
+                "bytes": size,
+                "mode": mode,
+            }
+            run["sync"] = self.phase(conf, "sync")
+            run["workload"] = change(target, rng)
+            run["resync"] = self.phase(conf, "resync")
+            run["idle_resync"] = self.phase(conf, "resync")
+            expected = manifest(target)  # what programs see in RAM
+            run["unsync"] = self.phase(conf, "unsync")
+            self.remount_disk()
+            got = manifest(target)
+            diff = sorted(set(expected) ^ set(got)) + sorted(
+                k for k in expected.keys() & got.keys() if expected[k] != got[k]
+            )
+            run["verified"] = not diff
+            run["mismatches"] = diff[:20]
+            litter = [p.name for p in self.disk.iterdir() if p.name not in ("cache", "lost+found")]
+            run["litter"] = litter
+            self.results["runs"].append(run)
+            print_run(run, flush=True)
+        shutil.rmtree(target)
+
+    def cp_a(self, ds: DataSet, target: Path, size: int) -> None:
+        dest = self.volatile / "cp-a"
+        drop_caches()
+        started = time.monotonic()
+        sh("cp", "-a", str(target), str(dest))
+        wall = time.monotonic() - started
+        shutil.rmtree(dest)
+        self.results["cp_a"].append(
+            {
+                "dataset": ds.name,
+                "seconds": round(wall, 3),
+                "bytes": size,
+                "mib_per_s": round(size / MiB / wall, 1),
+            }
+        )
+
+    # --- asd parse on ten targets -------------------------------------------------------
+    def parse_ten(self) -> None:
+        rng = random.Random("parse")
+        root = self.disk / "ten"
+        targets = []
+        for i in range(10):
+            t = root / f"t{i}"
+            t.mkdir(parents=True)
+            populate(t, DataSet("p", 1000, 0.0, 250), rng)
+            targets.append(t)
+        conf = self.base / "asd-ten.conf"
+        listed = " ".join(f"'{t}'" for t in targets)
+        conf.write_text(f'WHATTOSYNC=({listed})\nVOLATILE="{self.volatile}"\n')
+        out: dict[str, float] = {}
+        for when in ("unsynced", "synced"):
+            if when == "synced":
+                self.asd(conf, "sync")
+            times = []
+            for _ in range(3):
+                started = time.monotonic()
+                self.asd(conf, "parse")
+                times.append(time.monotonic() - started)
+            out[when] = round(min(times), 3)
+        self.asd(conf, "unsync")
+        shutil.rmtree(root)
+        self.results["parse"] = out
+        print(
+            f"== asd parse, ten targets of 1000 files: {out['unsynced']:.2f} s unsynced, "
+            f"{out['synced']:.2f} s synced",
+            flush=True,
+        )
+
+
+# ----- the table ----------------------------------------------------------------------------
+def mib(n: float) -> str:
+    return f"{n / MiB:.2f}" if n < 10 * MiB else f"{n / MiB:.0f}"
+
+
+def print_run(run: dict[str, Any], flush: bool = False) -> None:
+    w = run["workload"]
+    print(
+        f"-- {run['dataset']} {run['mode']}: 500 changes wrote {mib(w['changed_bytes'])} MiB "
+        f"(files touched {mib(w['changed_file_bytes'])} MiB); "
+        f"verified={run['verified']} litter={run['litter']}",
+        flush=flush,
+    )
+    for ph in ("sync", "resync", "idle_resync", "unsync"):
+        p = run[ph]
+        print(
+            f"   {ph:12} {p['seconds']:8.2f} s  disk {mib(p['disk_bytes']):>8} MiB  "
+            f"RAM {mib(p['ram_bytes']):>8} MiB  index {mib(p['index_bytes']):>6} MiB",
+            flush=flush,
+        )
+
+
+def table(results: dict[str, Any]) -> str:
+    cp = {c["dataset"]: c for c in results["cp_a"]}
+    head = (
+        "| data set | mode | sync s | sync disk MiB | RAM after sync MiB | resync s "
+        "| resync disk MiB (changed) | idle resync s | unsync s | unsync disk MiB "
+        "| RAM after resync MiB | sync vs cp -a | verified |"
+    )
+    lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
+    for r in results["runs"]:
+        c = cp[r["dataset"]]
+        sync_rate = r["bytes"] / MiB / max(r["sync"]["seconds"], 1e-6)
+        lines.append(
+            f"| {r['dataset']} | {r['mode']} | {r['sync']['seconds']:.2f} "
+            f"| {mib(r['sync']['disk_bytes'])} | {mib(r['sync']['ram_bytes'])} "
+            f"| {r['resync']['seconds']:.2f} "
+            f"| {mib(r['resync']['disk_bytes'])} ({mib(r['workload']['changed_bytes'])}) "
+            f"| {r['idle_resync']['seconds']:.2f} | {r['unsync']['seconds']:.2f} "
+            f"| {mib(r['unsync']['disk_bytes'])} | {mib(r['idle_resync']['ram_bytes'])} "
+            f"| {100 * sync_rate / c['mib_per_s']:.0f} % "
+            f"| {'yes' if r['verified'] and not r['litter'] else 'NO'} |"
+        )
+    lines.append("")
+    lines.append(
+        "cp -a into the same tmpfs: "
+        + ", ".join(
+            f"{c['dataset']} {c['seconds']:.2f} s ({c['mib_per_s']:.0f} MiB/s)"
+            for c in results["cp_a"]
+        )
+    )
+    p = results.get("parse") or {}
+    if p:
+        lines.append(
+            f"asd parse, ten targets: {p['unsynced']:.2f} s (unsynced), "
+            f"{p['synced']:.2f} s (synced)"
+        )
+    return "\n".join(lines)
+
+
+def goals(results: dict[str, Any]) -> str:
+    """Issue 6's goals next to the measured numbers."""
+    runs = {(r["dataset"], r["mode"]): r for r in results["runs"]}
+    names = [d["dataset"] for d in results["cp_a"]]
+    small, big = names[1], names[2]
+    out = []
+    for mode in ("copy", "overlay"):
+        a, b = runs.get((small, mode)), runs.get((big, mode))
+        if not a or not b:
+            continue
+        for ph in ("resync", "idle_resync"):
+            ratio = b[ph]["seconds"] / max(a[ph]["seconds"], 1e-6)
+            out.append(f"{mode}: {ph} {big}/{small} = {ratio:.2f}x (goal <= 1.5x)")
+        for r in (a, b, runs.get((names[0], mode))):
+            if r is None:
+                continue
+            ratio = r["resync"]["disk_bytes"] / max(r["workload"]["changed_bytes"], 1)
+            out.append(
+                f"{mode} {r['dataset']}: resync wrote {ratio:.2f}x the changed bytes "
+                f"(goal <= 1.5x); sync wrote {mib(r['sync']['disk_bytes'])} MiB, "
+                f"unsync {mib(r['unsync']['disk_bytes'])} MiB (goal <= 1 MiB each); "
+                f"unsync {r['unsync']['seconds']:.2f} s (goal <= 0.2 s)"
+            )
+        if mode == "overlay":
+            out.append(f"overlay: sync of {big} {b['sync']['seconds']:.2f} s (goal <= 0.2 s)")
+        else:
+            c = {x["dataset"]: x for x in results["cp_a"]}
+            for r in (runs.get((n, mode)) for n in names):
+                if r:
+                    rate = r["bytes"] / MiB / max(r["sync"]["seconds"], 1e-6)
+                    out.append(
+                        f"copy {r['dataset']}: sync {rate:.0f} MiB/s = "
+                        f"{100 * rate / c[r['dataset']]['mib_per_s']:.0f} % of cp -a "
+                        "(goal >= 70 %)"
+                    )
+    p = results.get("parse") or {}
+    if p:
+        out.append(f"asd parse on ten targets: {p['synced']:.2f} s (goal <= 0.3 s)")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller data sets (a few minutes)")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "bench.json")
+    ap.add_argument("--modes", default="copy,overlay")
+    ap.add_argument("--only", default="", help="comma-separated data set names")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("the benchmark needs root (loop devices, mounts)", file=sys.stderr)
+        return 2
+    if os.environ.get(IN_NS) != "1":
+        env = {**os.environ, IN_NS: "1"}
+        argv = ["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv]
+        return subprocess.run(argv, env=env, check=False).returncode
+    bench = Bench(args.quick)
+    sets = datasets(args.quick)
+    if args.only:
+        sets = [d for d in sets if d.name in args.only.split(",")]
+    started = time.monotonic()
+    try:
+        bench.setup("4g" if args.quick else "12g")
+        for ds in sets:
+            bench.run_dataset(ds, args.modes.split(","))
+        bench.parse_ten()
+    finally:
+        bench.teardown()
+    res = bench.results
+    res["seconds"] = round(time.monotonic() - started, 1)
+    res["commit"] = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print()
+    print(table(res))
+    if len(res["cp_a"]) == 3:
+        print()
+        print(goals(res))
+    print(f"\n{res['seconds']:.0f} s in all; JSON in {args.out}")
+    ok = all(r["verified"] and not r["litter"] for r in res["runs"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
