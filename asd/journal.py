@@ -14,31 +14,49 @@ Every apply step is idempotent, so `recover` rolls a committed record forward af
 any point, and throws away a stage that was never committed. Files are always replaced by a
 new inode, never rewritten in place: in overlay mode the lower layer hard-links the disk
 copy's files, and it must never change while mounted.
+
+The disk copy belongs to the target's owner, who can write into it (through the backup mount
+while asd runs, or before asd ever starts), so nothing in it is trusted: ``.asd-work`` is used
+only if it is a real directory private to root, every name in a commit record must be a plain
+path inside the disk copy, and the record is applied through directory descriptors opened one
+component at a time without following symlinks — a symlink the owner planted on the way makes
+the apply stop, never write through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from asd.errors import SafetyError
 from asd.layout import WORK_NAME
-from asd.state import read_json, write_json_atomic
+from asd.state import write_json_atomic
 from asd.tree import Changes
 
 log = logging.getLogger(__name__)
 
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        # fsync is where a failing disk reports lost writes (EIO): say which file.
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def fsync_tree(root: Path) -> None:
@@ -63,6 +81,89 @@ def remove_tree(path: Path) -> None:
         os.unlink(path)
 
 
+def named(exc: OSError, path: Path) -> OSError:
+    """The same error, naming ``path`` (what the user knows) instead of a relative name."""
+    if exc.filename is not None and os.path.isabs(str(exc.filename)):
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """`remove_tree` of ``name`` in an opened directory."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def open_private_dir(path: Path) -> int:
+    """Open asd's own directory ``path``: a real directory (not a symlink), owned by us,
+    closed to group and others. Anything else was not made by asd and is refused."""
+    try:
+        fd = os.open(path, O_DIR)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        fd = -1
+    st = os.fstat(fd) if fd >= 0 else os.lstat(path)
+    if fd < 0 or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if fd >= 0:
+            os.close(fd)
+        raise SafetyError(
+            f"{path} is not asd's own journal directory (a {stat.filemode(st.st_mode)} entry "
+            f"owned by uid {st.st_uid}); someone may have planted it to make asd act on files "
+            "it names, so asd will neither read nor remove it. Look at what it holds, move it "
+            "away, and try again"
+        )
+    return fd
+
+
+def rel_parts(rel: str, *, root_ok: bool = False) -> tuple[str, ...]:
+    """The components of a path a commit record names; refuses anything not plainly inside."""
+    parts = tuple(rel.split("/")) if rel else ()
+    if "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(rel)
+    if not parts and not root_ok:
+        raise ValueError(rel)
+    return parts
+
+
+@contextmanager
+def _parent(root_fd: int, parts: tuple[str, ...], where: Path) -> Iterator[int]:
+    """An fd of the directory holding ``parts[-1]`` below ``root_fd``, reached without
+    following symlinks. FileNotFoundError if a directory on the way is missing."""
+    fd = os.dup(root_fd)
+    try:
+        for i, name in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(name, O_DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                bad = where.joinpath(*parts[: i + 1])
+                raise SafetyError(
+                    f"{bad} is not a directory (someone replaced it, perhaps by a symlink, "
+                    f"while asd was writing {where.joinpath(*parts)}); asd does not write "
+                    "through it. Look at it, and run asd again"
+                ) from exc
+            os.close(fd)
+            fd = nfd
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _exists_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def dir_metadata(path: Path) -> dict[str, object]:
     """Owner, mode, times and xattrs (POSIX ACLs are xattrs) of a directory, as JSON."""
     st = os.lstat(path)
@@ -81,19 +182,27 @@ def dir_metadata(path: Path) -> dict[str, object]:
 
 
 def set_dir_metadata(path: Path, meta: dict[str, object]) -> None:
-    os.chown(path, int(meta["uid"]), int(meta["gid"]), follow_symlinks=False)  # type: ignore[call-overload]
-    os.chmod(path, int(meta["mode"]))  # type: ignore[call-overload]
+    fd = os.open(path, O_DIR)
+    try:
+        set_dir_metadata_fd(fd, meta)
+    finally:
+        os.close(fd)
+
+
+def set_dir_metadata_fd(fd: int, meta: dict[str, object]) -> None:
+    os.chown(fd, int(meta["uid"]), int(meta["gid"]))  # type: ignore[call-overload]
+    os.chmod(fd, int(meta["mode"]))  # type: ignore[call-overload]
     wanted: dict[str, str] = meta["xattrs"]  # type: ignore[assignment]
-    for name in set(os.listxattr(path, follow_symlinks=False)) - set(wanted):
+    for name in set(os.listxattr(fd)) - set(wanted):
         try:
-            os.removexattr(path, name, follow_symlinks=False)
+            os.removexattr(fd, name)
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                 raise
     for name, value in wanted.items():
-        os.setxattr(path, name, bytes.fromhex(value), follow_symlinks=False)
+        os.setxattr(fd, name, bytes.fromhex(value))
     times = (int(meta["atime_ns"]), int(meta["mtime_ns"]))  # type: ignore[call-overload]
-    os.utime(path, ns=times, follow_symlinks=False)
+    os.utime(fd, ns=times)
 
 
 @dataclass(frozen=True)
@@ -114,68 +223,176 @@ class Journal:
     def record(self) -> Path:
         return self.work / "commit.json"
 
+    @contextmanager
+    def _work_fd(self) -> Iterator[int]:
+        fd = open_private_dir(self.work)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def new_stage(self) -> Path:
-        remove_tree(self.stage)
-        self.work.mkdir(mode=0o700, exist_ok=True)
-        self.stage.mkdir(mode=0o700)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.work, 0o700)
+            with self._work_fd() as wfd:
+                _remove_at(wfd, "stage")
+                os.mkdir("stage", 0o700, dir_fd=wfd)
+        except OSError as exc:
+            raise named(exc, self.stage) from exc
         return self.stage
 
     def commit(self, changes: Changes) -> None:
         """Make the staged changes durable and apply them. Returns at a new sync point."""
-        fsync_tree(self.stage)
-        dirs = {rel: dir_metadata(self.stage / rel if rel else self.stage) for rel in changes.dirs}
-        record = {"deleted": list(changes.deleted), "dirs": dirs, "files": list(changes.files)}
-        write_json_atomic(self.record, record)
+        with self._work_fd() as wfd:
+            fsync_tree(self.stage)
+            dirs = {
+                rel: dir_metadata(self.stage / rel if rel else self.stage) for rel in changes.dirs
+            }
+            record = {"deleted": list(changes.deleted), "dirs": dirs, "files": list(changes.files)}
+            write_json_atomic(self.record, record, dir_fd=wfd)
         self.apply()
 
+    def _read_record(self, wfd: int) -> tuple[list[str], dict[str, dict[str, object]], list[str]]:
+        fd = os.open("commit.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
+        with os.fdopen(fd, "rb") as fh:
+            data = json.loads(fh.read())
+        try:
+            deleted = [str(r) for r in data["deleted"]]
+            dirs = {str(r): dict(m) for r, m in data["dirs"].items()}
+            files = [str(r) for r in data["files"]]
+            for rel in [*deleted, *files]:
+                rel_parts(rel)
+            for rel in dirs:
+                rel_parts(rel, root_ok=True)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise SafetyError(
+                f"{self.record} is not a commit record asd wrote (it names {exc}, not a path "
+                f"inside {self.disk}); asd will not apply it. Move {self.work} away and try again"
+            ) from exc
+        return deleted, dirs, files
+
     def apply(self) -> None:
-        data = read_json(self.record)
-        deleted: list[str] = data["deleted"]
-        dirs: dict[str, dict[str, object]] = data["dirs"]
-        files: list[str] = data["files"]
+        with self._work_fd() as wfd:
+            deleted, dirs, files = self._read_record(wfd)
+            dfd = os.open(self.disk, O_DIR)
+            at = [""]
+            try:
+                self._apply(wfd, dfd, deleted, dirs, files, at)
+            except OSError as exc:
+                # Descriptor-relative calls only know the last name: say the whole path.
+                raise named(exc, self.disk / at[0]) from exc
+            finally:
+                os.close(dfd)
+            os.unlink("commit.json", dir_fd=wfd)
+            os.fsync(wfd)
+            _remove_at(wfd, "stage")
+
+    def _staged(self, wfd: int, parts: tuple[str, ...]) -> bool:
+        try:
+            with _parent(wfd, ("stage", *parts), self.work) as sfd:
+                return _exists_at(sfd, parts[-1]) is not None
+        except FileNotFoundError:
+            return False
+
+    def _apply(
+        self,
+        wfd: int,
+        dfd: int,
+        deleted: list[str],
+        dirs: dict[str, dict[str, object]],
+        files: list[str],
+        at: list[str],
+    ) -> None:
+        """Apply a validated record; ``at[0]`` is kept at the entry being worked on."""
+        disk = self.disk
         touched: set[str] = set()
+        new_files = set(files)
         for rel in deleted:
-            remove_tree(self.disk / rel)
+            at[0] = rel
+            parts = rel_parts(rel)
+            # A type change is a deletion plus the new entry. When rolling forward, the new
+            # entry may already be in place: leave it (the old one is gone already).
+            try:
+                with _parent(dfd, parts, disk) as pfd:
+                    st = _exists_at(pfd, parts[-1])
+                    if st is None:
+                        continue
+                    if rel in dirs and stat.S_ISDIR(st.st_mode):
+                        continue
+                    if rel in new_files and not self._staged(wfd, parts):
+                        continue
+                    _remove_at(pfd, parts[-1])
+            except FileNotFoundError:
+                continue
             touched.add(rel.rpartition("/")[0])
         for rel in sorted(dirs, key=lambda r: r.count("/")):
-            path = self.disk / rel if rel else self.disk
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                path.mkdir(mode=0o700)
-            else:
-                if not stat.S_ISDIR(st.st_mode):
-                    remove_tree(path)
-                    path.mkdir(mode=0o700)
+            at[0] = rel
+            if not rel:
+                continue
+            parts = rel_parts(rel)
+            with _parent(dfd, parts, disk) as pfd:
+                st = _exists_at(pfd, parts[-1])
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    _remove_at(pfd, parts[-1])
+                    st = None
+                if st is None:
+                    os.mkdir(parts[-1], 0o700, dir_fd=pfd)
         for rel in files:
-            staged = self.stage / rel
-            if not os.path.lexists(staged):
-                continue  # renamed into place by an earlier, interrupted apply
-            dest = self.disk / rel
+            at[0] = rel
+            parts = rel_parts(rel)
             try:
-                if stat.S_ISDIR(os.lstat(dest).st_mode):
-                    remove_tree(dest)
+                with _parent(wfd, ("stage", *parts), self.work) as sfd:
+                    if _exists_at(sfd, parts[-1]) is None:
+                        continue  # renamed into place by an earlier, interrupted apply
+                    with _parent(dfd, parts, disk) as pfd:
+                        st = _exists_at(pfd, parts[-1])
+                        if st is not None and stat.S_ISDIR(st.st_mode):
+                            _remove_at(pfd, parts[-1])
+                        os.rename(parts[-1], parts[-1], src_dir_fd=sfd, dst_dir_fd=pfd)
             except FileNotFoundError:
-                pass
-            os.rename(staged, dest)
+                continue  # the staged file's directory is gone: renamed by an earlier apply
             touched.add(rel.rpartition("/")[0])
         for rel in sorted(dirs, key=lambda r: r.count("/"), reverse=True):
-            set_dir_metadata(self.disk / rel if rel else self.disk, dirs[rel])
+            at[0] = rel
+            with self._open_dir(dfd, rel) as fd:
+                set_dir_metadata_fd(fd, dirs[rel])
             touched.add(rel)
         for rel in touched:
-            path = self.disk / rel if rel else self.disk
-            if os.path.isdir(path):
-                fsync_path(path)
-        self.record.unlink()
-        fsync_path(self.work)
-        remove_tree(self.stage)
+            at[0] = rel
+            try:
+                with self._open_dir(dfd, rel) as fd:
+                    os.fsync(fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(disk / rel)) from exc
+
+    @contextmanager
+    def _open_dir(self, dfd: int, rel: str) -> Iterator[int]:
+        if not rel:
+            fd = os.dup(dfd)
+        else:
+            parts = rel_parts(rel)
+            with _parent(dfd, parts, self.disk) as pfd:
+                fd = os.open(parts[-1], O_DIR, dir_fd=pfd)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def recover(self) -> str | None:
         """Finish or discard what a crashed resync left. Says what it did, or None."""
-        if os.path.lexists(self.record):
+        if not os.path.lexists(self.work):
+            return None
+        with self._work_fd() as wfd:
+            if _exists_at(wfd, "commit.json") is not None:
+                committed = True
+            elif _exists_at(wfd, "stage") is not None:
+                _remove_at(wfd, "stage")
+                return "discarded a resync that was interrupted before its commit point"
+            else:
+                return None
+        if committed:
             self.apply()
-            return "finished writing a resync that was interrupted after its commit point"
-        if os.path.lexists(self.stage):
-            remove_tree(self.stage)
-            return "discarded a resync that was interrupted before its commit point"
-        return None
+        return "finished writing a resync that was interrupted after its commit point"

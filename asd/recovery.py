@@ -8,6 +8,7 @@ last sync point — as a crash-recovery tarball, and clear asd's leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from asd import snapshots
 from asd.errors import SafetyError
-from asd.journal import Journal, fsync_path, remove_tree
-from asd.layout import WORK_NAME, TargetLayout, backup_path
+from asd.journal import Journal, fsync_path, open_private_dir, remove_tree
+from asd.layout import WORK_NAME, TargetLayout
 from asd.state import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,14 @@ def mark_session(target: Path, info: dict[str, object]) -> None:
     """Write the marker; the target keeps its times (asd's own directory is not a change)."""
     before = os.lstat(target)
     work = target / WORK_NAME
-    work.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(work, 0o700)
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
-    write_json_atomic(work / "session.json", info)
+    fd = open_private_dir(work)  # not a directory or symlink the target's owner put there
+    try:
+        write_json_atomic(work / "session.json", info, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def remove_work(target: Path, times_from: Path | None = None) -> None:
@@ -53,15 +59,6 @@ def clear_session(target: Path) -> None:
     journal = Journal(target)
     if os.path.lexists(journal.record):
         journal.apply()
-    # The empty mount point beside the target (removed right after this) takes the target's
-    # times first: if a crash falls after the marker is gone but before the journal directory
-    # is, recovery restores the target's mtime from it — the last sync point's, not the
-    # session start's.
-    backup = backup_path(target)
-    if os.path.isdir(backup) and not os.path.islink(backup):
-        st = os.lstat(target)
-        os.utime(backup, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        fsync_path(backup.parent)
     remove_work(target)
 
 

@@ -20,7 +20,7 @@ def assert_untouched(world: World, target: Path, before: dict[str, object]) -> N
     assert not (target / ".asd-work").exists()
     assert not any(n.endswith("-backup_asd") for n in os.listdir(target.parent))
     assert world.run(["ls", "-A", str(world.volatile)], check=True).stdout == ""
-    assert not world.run(["test", "-e", "/run/asd/" + "x"]).returncode == 0
+    assert world.run(["test", "-e", "/run/asd/" + "x"]).returncode != 0
 
 
 BAD_CONFIGS = {
@@ -199,9 +199,9 @@ def test_sigterm_during_sync_undoes_and_exits_143(copy_world: World) -> None:
             "-o",
             "/dev/null",
             "-e",
-            "trace=rename",
+            "trace=renameat",
             "-e",
-            "inject=rename:signal=TERM:when=4",
+            "inject=renameat:signal=TERM:when=4",  # the 4th run-state write: mid-sync
             sys.executable,
             "-m",
             "asd",
