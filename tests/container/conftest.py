@@ -243,6 +243,18 @@ class Container:
         merged = sh(["docker", "inspect", "-f", "{{.GraphDriver.Data.MergedDir}}", self.id]).stdout
         return Path(merged.strip()) / path.lstrip("/")
 
+    def upper(self, path: str) -> Path:
+        """`path` in the container's writable layer: what it wrote to disk, even stopped."""
+        upper = sh(["docker", "inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", self.id]).stdout
+        return Path(upper.strip()) / path.lstrip("/")
+
+    def stop(self) -> None:
+        """A clean shutdown: the engine sends the stop signal, SIGRTMIN+3, to systemd."""
+        sh(["docker", "stop", "--time", "120", self.id], timeout=180)
+
+    def start(self) -> None:
+        sh(["docker", "start", self.id])
+
     def kill_and_start(self) -> None:
         sh(["docker", "kill", "--signal", "KILL", self.id])
         deadline = time.monotonic() + 60

@@ -241,6 +241,22 @@ def test_crash_then_boot_recovers_last_resync(deb_box: Container) -> None:
     assert "resynced.txt" in listing
 
 
+def test_shutdown_writes_back_and_boot_syncs_again(deb_box: Container) -> None:
+    box = deb_box
+    box.write(f"{TWO}/at-shutdown.txt", "two: only in RAM when shutdown starts")
+    box.stop()
+    # read from the stopped container's own layer: asd's stop wrote it to disk
+    assert (
+        box.upper(f"{TWO}/at-shutdown.txt").read_text() == "two: only in RAM when shutdown starts"
+    )
+    box.start()
+    assert box.wait_booted() == "running", box.out("systemctl --failed --no-pager")
+    assert in_ram(box) == {ONE: "tmpfs", TWO: "tmpfs"}
+    assert box.out(f"cat {TWO}/at-shutdown.txt") == "two: only in RAM when shutdown starts"
+    # a clean shutdown is no crash: still only the one snapshot
+    assert len(list(box.disk(ONE).parent.glob(".asd-one-backup_asd-crashrecovery-*"))) == 1
+
+
 def test_upgrade_while_running_loses_nothing(deb_box: Container) -> None:
     box = deb_box
     old = box.out("dpkg-query -W -f '${Version}' anything-sync-daemon")
