@@ -36,8 +36,14 @@ def link_tree(src: Path, dst: Path, *, exclude_top: tuple[str, ...] = ()) -> lis
 
 
 def copy_listed(src: Path, dst: Path, list_file: Path) -> list[str]:
-    """Copy exactly the NUL-separated relative paths in ``list_file`` (no recursion)."""
-    return ["rsync", *BASE_FLAGS, "--from0", f"--files-from={list_file}", f"{src}/", f"{dst}/"]
+    """Copy exactly the NUL-separated relative paths in ``list_file`` (no recursion).
+
+    ``--ignore-missing-args``: a listed name gone from RAM since the walk (a browser pruning
+    its cache) is otherwise an error, exit 23, not 24; the caller finds what vanished by
+    looking at what reached the stage.
+    """
+    argv = ["rsync", *BASE_FLAGS, "--from0", "--ignore-missing-args"]
+    return [*argv, f"--files-from={list_file}", f"{src}/", f"{dst}/"]
 
 
 def ok_codes(*, allow_vanished: bool) -> tuple[int, ...]:

@@ -48,6 +48,7 @@ def test_command_lines_are_data() -> None:
     ]  # fmt: skip
     listed = rsync.copy_listed(Path("/r"), Path("/s"), Path("/l"))
     assert listed[-3:] == ["--files-from=/l", "/r/", "/s/"] and "--from0" in listed
+    assert "--ignore-missing-args" in listed  # a name that vanished since the walk is no error
     assert "--link-dest=/d" in rsync.link_tree(Path("/d"), Path("/l"))
     assert rsync.ok_codes(allow_vanished=True) == (0, 24)
     assert rsync.ok_codes(allow_vanished=False) == (0,)
