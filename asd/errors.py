@@ -31,9 +31,17 @@ class CommandError(AsdError):
         self.stdout = stdout
         self.stderr = stderr
         if message is None:
-            detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
-            message = f"{argv[0]} exited with status {exit_code}: {detail}"
+            message = f"{argv[0]} exited with status {exit_code}: {summary(stderr)}"
         super().__init__(message)
+
+
+def summary(stderr: str) -> str:
+    """The lines of a tool's error output worth showing: the first names what failed (rsync:
+    the file and the errno), the last is the tool's verdict ("rsync error: … (code 11)")."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if not lines:
+        return "no error output"
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ({lines[-1]})"
 
 
 class StateError(AsdError):

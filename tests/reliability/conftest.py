@@ -11,6 +11,8 @@ import fcntl
 import json
 import os
 
+import pytest
+
 from tests.integration.conftest import REPO, World, copy_world, world
 
 __all__ = ["copy_world", "world", "World", "FULL", "record", "sample", "OUT"]
@@ -44,3 +46,24 @@ def record(section: str, key: str, value: object) -> None:
         tmp = OUT.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, OUT)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "overlay_in_full: the overlay variant runs only with ASD_RELIABILITY=full"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Sampled runs keep overlay variants of `overlay_in_full` tests for the full run."""
+    if FULL:
+        return
+    skip = pytest.mark.skip(reason="overlay variant: ASD_RELIABILITY=full runs it")
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (
+            item.get_closest_marker("overlay_in_full")
+            and callspec is not None
+            and callspec.params.get("world") == "overlay"
+        ):
+            item.add_marker(skip)

@@ -83,7 +83,7 @@ while not os.path.exists(os.path.join(os.path.dirname(events), "stop")):
             os.close(applog)
             applog = os.open(os.path.join(root, "log/app.log"), FLAGS, 0o644)
             log.write(f"rotate {line}\n")
-    time.sleep(0.0005)
+    time.sleep(0.002)
 """
 
 RECORD = re.compile(r"(?:gen (\d+) (d\d/f\d+)\n)+end (\d+)\n")
@@ -216,6 +216,7 @@ COMMANDS = ["sync"] * 10 + ["resync"] * 15 + ["parse"] * 10 + ["unsync"] * 5 + [
 COMMANDS += ["resync --dry-run"] * 5
 
 
+@pytest.mark.overlay_in_full
 def test_fifty_invocations_at_once(world: World) -> None:
     target = world.target("t")
     populate(target)
