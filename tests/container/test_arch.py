@@ -8,8 +8,8 @@ makepkg and pacman 7 (the asd-build image, booting systemd). What it covers:
 - the package's .PKGINFO (name, version, arch, depends, backup) and its file list;
 - `pacman -U --nodeps --nodeps` installs it (twice: skip the dependency checks
   entirely, as pacman's database holds none of them) and runs the .install
-  scriptlet; then asd.service from the installed files syncs, resyncs and unsyncs
-  real data, and `pacman -R` stops asd first.
+  scriptlet; then asd.service from the installed files syncs (in overlay mode),
+  resyncs and unsyncs real data, and `pacman -R` stops asd first.
 What it does not cover: Arch's python (the code runs on Debian's python3 from
 /usr/lib/python3/dist-packages, see docker/build-arch.sh), Arch's python-sh and
 python-pyudev, or pacman resolving the dependencies.
@@ -84,12 +84,15 @@ def test_pacman_install_and_run(arch_box: Container) -> None:
     owned = box.out("pacman -Qlq anything-sync-daemon").split()
     assert "/usr/lib/systemd/system/asd.service" in owned
     box.run(f"mkdir -p {TARGET} && echo 'on disk before sync' > {TARGET}/a.txt")
-    box.run(f"printf \"WHATTOSYNC=('{TARGET}')\\n\" > /etc/asd.conf && systemctl daemon-reload")
+    # overlay mode here (the .deb test covers copy mode): the upper dir lives on the
+    # container's /tmp tmpfs, over a lower tree on the container's disk
+    box.write("/etc/asd.conf", f"WHATTOSYNC=('{TARGET}')\nUSE_OVERLAYFS=yes\n")
+    box.run("systemctl daemon-reload")
     assert TARGET in box.show("asd.service", "RequiresMountsFor").split()
 
     box.run("systemctl enable --now asd.service")
     assert box.show("asd.service", "ActiveState") == "active"
-    assert (TARGET, "tmpfs") in box.mounted_under(TARGET)
+    assert (TARGET, "overlay") in box.mounted_under(TARGET)
     box.run(f"echo 'written in RAM' > {TARGET}/b.txt")
     assert not box.disk(f"{TARGET}/b.txt").exists()
     box.run("systemctl start asd-resync.service")
@@ -105,7 +108,7 @@ def test_pacman_install_and_run(arch_box: Container) -> None:
 def test_pacman_remove_stops_asd_first(arch_box: Container) -> None:
     box = arch_box
     box.run("systemctl start asd.service")
-    assert (TARGET, "tmpfs") in box.mounted_under(TARGET)
+    assert (TARGET, "overlay") in box.mounted_under(TARGET)
     box.run(f"echo 'only in RAM at removal' > {TARGET}/d.txt")
     box.run("pacman -R --noconfirm anything-sync-daemon")
     assert box.mounted_under(TARGET, "/tmp/asd-root") == []
