@@ -51,7 +51,7 @@ install:
 	$(call apt_install,python3-build python3-installer python3-wheel python3-setuptools)
 	@if [ -z "$(DESTDIR)" ]; then \
 		$(call apt_install,python3-sh python3-pyudev rsync zstd tar util-linux); fi
-	rm -rf build/install-wheel
+	rm -rf build/install-wheel build/install-root
 	$(PYTHON3) -m build --wheel --no-isolation --outdir build/install-wheel .
 	@# Debian's python adds /local itself (scheme posix_local) and only looks in
 	@# dist-packages: no --prefix for /usr/local, its deb_system layout for /usr
@@ -62,7 +62,20 @@ install:
 		*) set -- --prefix="$(PREFIX)" ;; \
 		esac; \
 	else set -- --prefix="$(PREFIX)"; fi; \
-	$(PYTHON3) -m installer --destdir="$(DESTDIR)/" "$$@" build/install-wheel/*.whl
+	$(PYTHON3) -m installer --destdir=build/install-root "$$@" build/install-wheel/*.whl
+	@# Like the .deb's upgrade: a running asd writes back and unmounts with the code
+	@# that mounted, before that code is replaced; it is started again at the end.
+	@if [ -z "$(DESTDIR)" ] && systemctl is-active --quiet asd.service 2>/dev/null; then \
+		echo "stopping asd.service for the upgrade"; systemctl stop asd.service; \
+		mkdir -p /run/asd && touch /run/asd/make-install-restart; fi
+	@# python -m installer never overwrites: replace a previous install (its
+	@# package directory and dist-info) from the staged tree
+	cd build/install-root && find . -name 'anything_sync_daemon-*.dist-info' -type d | \
+		while read -r info; do \
+			dir=$$(dirname "$$info"); \
+			rm -rf "$(DESTDIR)/$$dir/asd" "$(DESTDIR)/$$dir"/anything_sync_daemon-*.dist-info; \
+		done
+	cp -a build/install-root/. "$(DESTDIR)/"
 	install -d "$(DESTDIR)$(SYSTEMD_UNITDIR)" "$(DESTDIR)$(SYSTEMD_GENERATORDIR)" "$(DESTDIR)$(ASD_LIBDIR)"
 	for u in $(ASD_UNITS); do \
 		sed -e 's|/usr/bin/asd|$(PREFIX)/bin/asd|g' -e 's|/usr/lib/asd/|$(ASD_LIBDIR)/|g' systemd/$$u >"$(DESTDIR)$(SYSTEMD_UNITDIR)/$$u" \
@@ -80,3 +93,5 @@ install:
 		echo "keeping existing $(DESTDIR)$(SYSCONFDIR)/asd.conf"; \
 	else install -Dm644 packaging/asd.conf "$(DESTDIR)$(SYSCONFDIR)/asd.conf"; fi
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@if [ -z "$(DESTDIR)" ] && [ -e /run/asd/make-install-restart ]; then \
+		rm -f /run/asd/make-install-restart; systemctl start asd.service; fi

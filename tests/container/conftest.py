@@ -166,7 +166,8 @@ def docker_compose_file(
         # compose v2 knows the cgroup namespace setting; v1 leaves it to the engine,
         # whose default on a cgroup v1 host (and ours, started by engine.sh) is host
         service["cgroup"] = "host"
-    override = {"version": "2.4", "services": {"deb": service, "arch": service}}
+    services = {name: service for name in ("deb", "arch", "src")}
+    override = {"version": "2.4", "services": services}
     path = tmp_path_factory.mktemp("compose") / "capabilities.yml"
     path.write_text(json.dumps(override, indent=2))  # JSON is YAML
     os.environ["ASD_OUT"] = str(asd_packages)
@@ -303,6 +304,22 @@ def arch_box(
 ) -> Iterator[Container]:
     yield from _container(
         "arch",
+        docker_services,
+        docker_compose_command,
+        docker_compose_file,
+        docker_compose_project_name,
+    )
+
+
+@pytest.fixture(scope="module")
+def src_box(
+    docker_services: object,
+    docker_compose_command: str,
+    docker_compose_file: list[str],
+    docker_compose_project_name: str,
+) -> Iterator[Container]:
+    yield from _container(
+        "src",
         docker_services,
         docker_compose_command,
         docker_compose_file,
