@@ -45,8 +45,9 @@ def mark_session(target: Path, info: dict[str, object]) -> None:
 
 def remove_work(target: Path, times_from: Path | None = None) -> None:
     """Remove asd's journal directory from a plain target, keeping the target's own times:
-    they are the last sync point's (asd's directory coming and going is not a change)."""
-    if not os.path.lexists(target / WORK_NAME):
+    they are the last sync point's (asd's directory coming and going is not a change).
+    With ``times_from``, the target takes that directory's times instead, journal or not."""
+    if times_from is None and not os.path.lexists(target / WORK_NAME):
         return
     before = os.lstat(times_from or target)
     remove_tree(target / WORK_NAME)
@@ -89,9 +90,13 @@ def recover(
             )
             for old in snapshots.rotate(target, backup_limit):
                 say(f"{target}: removed old snapshot {old} (BACKUP_LIMIT={backup_limit})")
-    # A crash between creating the journal directory and restoring the target's mtime
-    # leaves no marker; the empty mount point beside the target then holds the times.
+    # Outside a session (no marker) the mount point beside the target, if it exists, holds
+    # the target's last times: sync creates it with them (by rename, so it never exists
+    # without), and a clean stop gives it the final times before removing the journal.
     early = not was_unclean(target) and os.path.isdir(layout.backup)
+    stale = layout.backup.with_name(layout.backup.name + ".new")
+    if os.path.isdir(stale) and not os.path.islink(stale):
+        os.rmdir(stale)
     remove_work(target, layout.backup if early else None)
     backup = layout.backup
     try:

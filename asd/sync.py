@@ -223,13 +223,14 @@ class Engine:
         if step.kind == "mark":
             mark_session(path, {"instance": self.instance.name, "pid": os.getpid()})
         elif step.kind == "mkdir":
-            path.mkdir(mode=0o755)
+            # The mount point carries the target's times (see `recover`): made under a
+            # temporary name, given the times, then renamed, so it never exists without them.
+            tmp = path.with_name(path.name + ".new")
+            tmp.mkdir(mode=0o755)
             if step.source:
-                # The mount point keeps the target's times until the session marker exists:
-                # the only record of them if a crash falls between creating asd's journal
-                # directory in the target and restoring the target's mtime (`recover`).
                 st = os.lstat(step.source)
-                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.rename(tmp, path)
         elif step.kind == "bind-backup":
             run(mounts.bind(Path(step.source), path))
             run(mounts.make_private(path))
