@@ -111,6 +111,11 @@ def test_parse_json_reports_targets(world: World) -> None:
     world.asd("sync", check=True)
     doc = json.loads(world.asd("p", "--json", check=True).stdout)
     assert doc["running"] is True and doc["targets"][0]["in_ram"] is True
+    # The device is the one under the disk copy, not the RAM copy now mounted at the path.
+    device = doc["targets"][0]["device"]
+    assert device["kind"] not in ("ram", "unknown") and device["disks"]
+    assert not any("RAM" in w for w in doc["targets"][0]["warnings"])
+    assert doc["volatile"]["device"]["kind"] == "ram"
     text = world.asd("preview", check=True).stdout
     assert str(t1) in text and "in RAM" in text
 
