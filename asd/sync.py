@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import mounts, rsync, tree
+from asd import devices, mounts, rsync, tree
 from asd.config import Config
 from asd.errors import SafetyError, StateError
 from asd.holders import Holder, holders
@@ -164,10 +164,15 @@ class Engine:
                 self.undo_target(state, target)
 
     def check_target(self, layout: TargetLayout, table: MountTable) -> None:
-        if table.is_mountpoint(layout.target):
+        # A target may well be a file system of its own (/var/log on a partition); what must
+        # not be there is a RAM copy of asd's that no run state accounts for.
+        top = table.top_at(layout.target)
+        marker = f"/{self.instance.ram_root.name}/"
+        if top is not None and (top.source == "asd-overlay" or marker in top.root + "/"):
             raise StateError(
-                f"{layout.target} is already a mount point and asd has no record of mounting "
-                "it; asd will not mount over it. Unmount it (or stop whatever mounted it) first"
+                f"{layout.target} already shows a RAM copy of asd's, but asd has no record of "
+                "mounting it (was /run cleared?); asd will not mount over it. Run "
+                f"'umount {layout.target}' after saving anything new in it, then sync again"
             )
         if table.is_mountpoint(layout.backup):
             raise StateError(
@@ -180,6 +185,9 @@ class Engine:
         vfs = os.statvfs(self.config.volatile)
         free = vfs.f_bavail * vfs.f_frsize
         available = meminfo_available()
+        budget = min(free, available) if available is not None else free
+        for warning in devices.sync_warnings(list(need.items()), self.config.volatile, budget):
+            self.warn(warning)
         if total > free or (available is not None and total > available):
             sizes = ", ".join(f"{p} {human(n)}" for p, n in need.items())
             raise SafetyError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import os
 import pickle
 import stat
@@ -256,3 +257,33 @@ def test_empty_whattosync_is_a_quiet_no_op(copy_world: World) -> None:
     assert "WHATTOSYNC" in out.stdout and "is empty" in out.stdout
     assert copy_world.asd_mounts() == []
     assert copy_world.asd("resync").returncode == 1
+
+
+def test_sync_warns_about_a_target_already_in_ram(copy_world: World) -> None:
+    world = copy_world
+    target = world.target("in-ram")
+    world.run(["mount", "-t", "tmpfs", "-o", "size=8m", "already-ram", str(target)], check=True)
+    world.write_conf(target)
+    out = world.asd("sync", check=True)
+    assert "RAM" in out.stderr and str(target) in out.stderr, "no warning for a target in RAM"
+
+
+def test_target_that_is_a_file_system_of_its_own(world: World) -> None:
+    """/var/log on its own partition: the target is a mount point; the cycle must still work
+    and the files must land on that file system, not on the one below it."""
+    target = world.target("own-fs")
+    image = world.base / "fs.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    world.run(["mount", "-o", "loop", str(image), str(target)], check=True)
+    try:
+        world.sh(f"echo one > {target}/f")
+        world.write_conf(target)
+        world.asd("sync", check=True)
+        world.sh(f"echo two > {target}/f")
+        world.asd("unsync", check=True)
+        assert world.sh(f"cat {target}/f").stdout == "two\n"
+        assert world.mounted_at(target) == 1, "the target's own file system must stay mounted"
+        assert not (target / "f").exists(), "data landed below the target's file system"
+    finally:
+        world.run(["umount", str(target)])
