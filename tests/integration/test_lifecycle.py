@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import os
 import pickle
 import stat
+import subprocess
 import sys
 
 from tests.integration.conftest import CHANGES, World, populate
