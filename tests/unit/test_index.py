@@ -1,0 +1,80 @@
+"""The index file format, and diffs of indexes with an overlay's whiteouts and flags."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from asd import index
+from asd.tree import OPAQUE, WHITEOUT_ENTRY, Entry, diff
+from asd.tree import index as tree_index
+
+
+def entry(kind: int = stat.S_IFREG, ino: int = 1, size: int = 0, ctime: int = 0) -> Entry:
+    return (kind, ino, kind | 0o644, 0, 0, size, ctime, ctime, 1, 0)
+
+
+def test_round_trip_keeps_every_name_and_number(tmp_path: Path) -> None:
+    odd = os.fsdecode(b"latin-\xe9/caf\xc3\xa9 with space")
+    idx = {
+        "": entry(stat.S_IFDIR),
+        "a": entry(size=2**40, ctime=-(2**62)),
+        odd: entry(ino=2**63 - 1),
+        "w": WHITEOUT_ENTRY,
+    }
+    for scope in index.SCOPES:
+        index.save(tmp_path / "i", idx, scope)
+        assert index.load(tmp_path / "i") == (idx, scope)
+    assert index.load(tmp_path / "absent") == ({}, None)
+    index.save(tmp_path / "e", {})
+    assert index.load(tmp_path / "e") == ({}, "full")
+
+
+def test_reads_the_json_index_of_earlier_versions(tmp_path: Path) -> None:
+    (tmp_path / "i").write_text('{"": [16384, 1, 16877, 0, 0, 4096, 5, 6, 2, 0]}')
+    assert index.load(tmp_path / "i") == ({"": (16384, 1, 16877, 0, 0, 4096, 5, 6, 2, 0)}, "json")
+
+
+def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    data = index.encode({"a": entry(), "b": entry()})
+    with pytest.raises(ValueError, match="truncated"):
+        index.decode(data[:-8])
+    with pytest.raises(ValueError, match="scope"):
+        index.decode(data.replace(b"full", b"half", 1))
+    with pytest.raises(ValueError, match="10 fields"):
+        index.encode({"a": (1, 2)})  # type: ignore[dict-item]
+
+
+def test_walk_index_matches_lstat(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("x")
+    os.symlink("d/f", tmp_path / "l")
+    (tmp_path / ".asd-work").mkdir()
+    idx = tree_index(tmp_path, frozenset({".asd-work"}))
+    assert sorted(idx) == ["", "d", "d/f", "l"]
+    st = os.lstat(tmp_path / "d" / "f")
+    assert idx["d/f"][1:] == (
+        st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size,
+        st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_rdev,
+    )  # fmt: skip
+
+
+def test_diff_of_overlay_entries() -> None:
+    root = entry(stat.S_IFDIR)
+    d = entry(stat.S_IFDIR, ino=2)
+    old = {"": root, "d": d, "d/x": entry(ino=3), "gone": WHITEOUT_ENTRY}
+    assert diff(old, dict(old)).empty
+    # A new whiteout deletes; an old whiteout dropped from the index deletes nothing.
+    new = {"": root, "d": d, "d/x": WHITEOUT_ENTRY}
+    ch = diff(old, new)
+    assert ch.deleted == ("d/x",) and ch.files == () and ch.dirs == ("d",)
+    # A directory marked opaque is not a type change (its subtree is handled by asd.upper).
+    opaque: Entry = (stat.S_IFDIR | OPAQUE, *d[1:])
+    ch = diff(old, {**old, "d": opaque})
+    assert ch.deleted == () and ch.dirs == ("", "d")
+    # A whiteout replaced by a file: written, nothing to delete (it is gone on disk already).
+    ch = diff(old, {**old, "gone": entry(ino=9)})
+    assert ch.deleted == () and ch.files == ("gone",)
