@@ -63,8 +63,14 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 if [ -z "$from" ]; then
-    command -v debootstrap >/dev/null 2>&1 ||
-        DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap debian-archive-keyring >&2
+    # debootstrap, and a keyring that knows trixie's keys (bookworm's got them in
+    # a point release)
+    if ! command -v debootstrap >/dev/null 2>&1 ||
+        [ ! -e /usr/share/keyrings/debian-archive-trixie-stable.gpg ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap debian-archive-keyring >&2 ||
+            { apt-get update >&2 &&
+                DEBIAN_FRONTEND=noninteractive apt-get install -y debootstrap debian-archive-keyring >&2; }
+    fi
     mkdir -p "$cache/debs"
     echo "mkrootfs: debootstrap $suite from the apt sources' mirror ($tag)" >&2
     debootstrap --variant=minbase --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
