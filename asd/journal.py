@@ -100,9 +100,10 @@ def _remove_at(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def open_private_dir(path: Path) -> int:
+def open_private_dir(path: Path, *, shown: Path | None = None) -> int:
     """Open asd's own directory ``path``: a real directory (not a symlink), owned by us,
-    closed to group and others. Anything else was not made by asd and is refused."""
+    closed to group and others. Anything else was not made by asd and is refused.
+    ``shown``: the name to give in messages, when ``path`` is a /proc/self/fd one."""
     try:
         fd = os.open(path, O_DIR)
     except OSError as exc:
@@ -114,10 +115,10 @@ def open_private_dir(path: Path) -> int:
         if fd >= 0:
             os.close(fd)
         raise SafetyError(
-            f"{path} is not asd's own journal directory (a {stat.filemode(st.st_mode)} entry "
-            f"owned by uid {st.st_uid}); someone may have planted it to make asd act on files "
-            "it names, so asd will neither read nor remove it. Look at what it holds, move it "
-            "away, and try again"
+            f"{shown or path} is not asd's own journal directory (a "
+            f"{stat.filemode(st.st_mode)} entry owned by uid {st.st_uid}); someone may have "
+            "planted it to make asd act on files it names, so asd will neither read nor "
+            "remove it. Look at what it holds, move it away, and try again"
         )
     return fd
 

@@ -159,12 +159,14 @@ class MountTable:
         return [m for m in self.mounts if m.mountpoint.startswith(prefix)]
 
 
-def bind(source: Path, target: Path) -> list[str]:
-    return ["mount", "--bind", str(source), str(target)]
+def bind(source: Path | str, target: Path | str) -> list[str]:
+    # --no-canonicalize: asd may pass /proc/<pid>/fd/<n> paths of directories it opened
+    # (see `sync.pinned`); resolving them to a name again would reopen the race they close.
+    return ["mount", "--no-canonicalize", "--bind", str(source), str(target)]
 
 
-def make_private(target: Path) -> list[str]:
-    return ["mount", "--make-private", str(target)]
+def make_private(target: Path | str) -> list[str]:
+    return ["mount", "--no-canonicalize", "--make-private", str(target)]
 
 
 def tmpfs(target: Path, options: str) -> list[str]:

@@ -31,12 +31,17 @@ def was_unclean(target: Path) -> bool:
 
 def mark_session(target: Path, info: dict[str, object]) -> None:
     """Write the marker; the target keeps its times (asd's own directory is not a change)."""
-    before = os.lstat(target)
     work = target / WORK_NAME
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(work, 0o700)
-    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
-    fd = open_private_dir(work)  # not a directory or symlink the target's owner put there
+    # The target itself, not whatever a symlink swapped in for it would point to.
+    tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        before = os.fstat(tfd)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(WORK_NAME, 0o700, dir_fd=tfd)
+        os.utime(tfd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        fd = open_private_dir(Path(f"/proc/self/fd/{tfd}") / WORK_NAME, shown=work)
+    finally:
+        os.close(tfd)
     try:
         write_json_atomic(work / "session.json", info, dir_fd=fd)
     finally:

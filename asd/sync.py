@@ -8,11 +8,12 @@ was done, backwards, checking the mount table and skipping what did not happen.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,37 @@ def plan_target(layout: TargetLayout, overlay: bool) -> list[Step]:
         Step("bind-target", t, t, str(layout.ram_copy)),
     ]
     return steps
+
+
+@contextlib.contextmanager
+def pinned(path: Path, *, ours: bool = False) -> Iterator[str]:
+    """A name for the very directory at ``path`` now, that no later rename or symlink swap
+    can redirect: ``/proc/<pid>/fd/<n>`` of an O_PATH descriptor opened without following a
+    symlink. The target's parent is often writable by its owner (a home directory), so any
+    name asd mounts on or from there could otherwise be swapped between check and mount.
+    ``ours``: the directory must also be the empty, root-owned mount point asd made."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise SafetyError(
+            f"{path} was replaced by a symlink or a file while asd was setting it up; asd "
+            "mounts nothing on or from it. Someone who can write to its parent did this: look "
+            "at it, and run asd again"
+        ) from exc
+    try:
+        if ours:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or os.listdir(f"/proc/self/fd/{fd}"):
+                raise SafetyError(
+                    f"{path} is no longer the empty mount point asd created (owner uid "
+                    f"{st.st_uid}); someone replaced it. asd mounts nothing on it: look at it, "
+                    "and run asd again"
+                )
+        yield f"/proc/{os.getpid()}/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def secure_ram_root(ram_root: Path) -> None:
@@ -237,10 +269,17 @@ class Engine:
             tmp.mkdir(mode=0o755)
             if step.source:
                 st = os.lstat(step.source)
-                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+                # Through a descriptor: the parent may be writable by the target's owner.
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(fd)
             os.rename(tmp, path)
         elif step.kind == "bind-backup":
-            run(mounts.bind(Path(step.source), path))
+            with pinned(Path(step.source)) as source, pinned(path, ours=True) as mount_point:
+                run(mounts.bind(source, mount_point))
+                # A mount point cannot be renamed (EBUSY): from here on its name is safe.
             run(mounts.make_private(path))
         elif step.kind == "ram-dir":
             secure_ram_root(self.instance.ram_root)
@@ -260,7 +299,8 @@ class Engine:
         elif step.kind == "index":
             save_index(layout, ram_index(layout))
         elif step.kind == "bind-target":
-            run(mounts.bind(Path(step.source), path))
+            with pinned(Path(step.source)) as ram_copy, pinned(path) as served_at:
+                run(mounts.bind(ram_copy, served_at))
             served, ram = os.stat(path), os.stat(step.source)
             if (served.st_dev, served.st_ino) != (ram.st_dev, ram.st_ino):
                 raise StateError(f"{path} does not show the RAM copy after mounting it")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.manifest import manifest
 from tests.reliability.conftest import World, record
 
 UID = 1234
@@ -90,4 +91,182 @@ def test_planted_commit_record_never_acts_outside_the_target(world: World, kind:
     assert proc.returncode == 1, f"asd used a journal the user planted:\n{proc.stdout}{proc.stderr}"
     assert ".asd-work" in proc.stderr
     assert (target / "docs" / "a.txt").read_text() == "user data\n"
-    record("hostile", f"planted commit record ({kind})", "refused, nothing outside touched")
+    record("hostile", f"planted commit record ({kind}, {mode(world)})", "refused, nothing touched")
+
+
+def racing_user(world: World, script: str, *args: str) -> subprocess.Popen[bytes]:
+    """The user, really uid 1234, polling and swapping names while asd works."""
+    return world.spawn([*AS_USER, "sh", "-c", script, "racer", *args])
+
+
+def mounts_at(world: World, path: Path) -> int:
+    return world.mounted_at(path)
+
+
+SWAP = r"""
+# Once asd has made "$3", move "$1" away and put a symlink to "$2" in its place.
+i=0
+while [ $i -lt 3000 ]; do
+  if [ -e "$3" ] && [ ! -L "$1" ]; then mv "$1" "$1.moved" && ln -s "$2" "$1" && exit 0; fi
+  sleep 0.01; i=$((i+1))
+done
+exit 1
+"""
+
+
+@pytest.mark.parametrize("swapped", ["backup mount point", "target"])
+def test_swapped_for_a_symlink_while_sync_sets_up(world: World, swapped: str) -> None:
+    """Between asd creating (or checking) a name and mounting on it, the user replaces it by
+    a symlink to a root directory: asd must not mount on, or write into, what it points to.
+    strace holds asd for a moment right after the name is made, so the race is always won
+    by the user; without that, it would be won only sometimes."""
+    target = user_target(world)
+    f, d = canaries(world)
+    (d / "inside").write_text("root's too\n")
+    before = manifest(d)
+    world.write_conf(target)
+    backup = target.parent / ".t-backup_asd"
+    name = backup if swapped == "backup mount point" else target
+    racer = racing_user(world, SWAP, str(name), str(d), str(backup))
+    # Hold asd 1 s after it creates the backup mount point (the race window, made wide).
+    # (asd makes it as .t-backup_asd.new and renames it: -P matches either name of a rename)
+    hold: tuple[str, ...] = ("strace", "-o", "/dev/null", "-P", str(backup))
+    hold += ("-e", "trace=mkdir,rename", "-e", "inject=mkdir,rename:delay_exit=1000000")
+    proc = world.asd("sync", prefix=hold)
+    assert racer.wait(timeout=90) == 0, "the racing user never got to swap the name"
+    assert mounts_at(world, d) == 0, f"asd mounted on {d} through the user's symlink"
+    assert manifest(d) == before, f"asd wrote into {d} through the user's symlink"
+    assert_canaries(f, d)
+    assert proc.returncode == 1, f"sync went on through a swapped {swapped}: {proc.stdout}"
+    assert str(name) in proc.stderr, proc.stderr
+    record(
+        "hostile",
+        f"{swapped} swapped for a symlink during sync (uid {UID}, {mode(world)})",
+        "refused, nothing mounted or written through it",
+    )
+
+
+def mode(world: World) -> str:
+    return "overlay" if world.overlay else "copy"
+
+
+def test_nothing_of_a_private_target_is_readable_by_another_user(world: World) -> None:
+    """A root-owned 0700 target holding a world-readable file: uid 1234 must not read that
+    file through any path asd creates — RAM copy, disk copy mount, journal, run state, index,
+    snapshot — while synced, during a resync's stage, and after a crash."""
+    from asd.layout import Instance
+
+    target = world.target("private")
+    (target / "secret").write_text("secret\n")
+    (target / "secret").chmod(0o644)
+    target.chmod(0o700)
+    world.write_conf(target)
+    layout = Instance(world.conf, world.volatile).target(target)
+    world.asd("sync", check=True)
+    world.sh(f"echo more-secret > {target}/secret2; chmod 644 {target}/secret2")
+    # A resync held just after its stage is filled (before the commit record is written).
+    # (the record's temporary file is opened relative to the journal's descriptor: -P
+    # matches that name literally)
+    hold = ("strace", "-o", "/dev/null", "-P", ".commit.json.tmp")
+    held = world.spawn(
+        [*hold, "-e", "inject=openat:delay_exit=3000000", *world_asd_argv(world, "resync")]
+    )
+    tmp = layout.disk_work / ".commit.json.tmp"
+    world.run(
+        ["sh", "-c", f"for i in $(seq 600); do [ -e {tmp} ] && exit; sleep 0.05; done; exit 1"],
+        check=True,
+    )
+    paths = [
+        target / "secret",
+        layout.ram_copy / "secret",
+        layout.backup / "secret",
+        layout.stage / "secret2",
+        tmp,
+        layout.session_marker,
+        layout.instance.state_file,
+        layout.index_file,
+    ]
+    tried = probe(world, paths)
+    assert held.wait(timeout=60) == 0
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)  # the crash-recovery snapshot
+    snaps = sorted(target.parent.glob(".private-backup_asd-crashrecovery-*"))
+    assert snaps
+    tried += probe(world, snaps)
+    record("hostile", "private target: paths another user tried to read", tried)
+
+
+def world_asd_argv(world: World, *args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "asd", "-c", str(world.conf), *args]
+
+
+def probe(world: World, paths: list[Path]) -> int:
+    for path in paths:
+        assert world.sh(f"test -e {path}", check=False).returncode == 0, f"{path} not there"
+        got = as_user(world, 'cat "$1"', str(path))
+        assert got.returncode != 0 and "secret" not in got.stdout, f"uid {UID} read {path}"
+        assert "Permission denied" in got.stderr, got.stderr
+    return len(paths)
+
+
+def test_disk_copy_directory_swapped_for_a_symlink_is_not_written_through(world: World) -> None:
+    """While asd runs, the owner reaches the disk copy through the backup mount and replaces
+    docs/ by a symlink to a root directory; then changes docs/a.txt in RAM. The resync must
+    not put a.txt into the root directory."""
+    target = user_target(world)
+    f, d = canaries(world)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    backup = target.parent / ".t-backup_asd"
+    swapped = as_user(
+        world,
+        'mv "$1/docs" "$1/docs.old" && ln -s "$2" "$1/docs" && echo mine > "$3/docs/a.txt"',
+        str(backup),
+        str(d),
+        str(target),
+    )
+    assert swapped.returncode == 0, swapped.stderr
+    proc = world.asd("resync")
+    assert not (d / "a.txt").exists(), f"asd wrote {d}/a.txt through the user's symlink"
+    assert_canaries(f, d)
+    # Either outcome is safe: refusing, or replacing the symlink by the directory RAM holds.
+    if proc.returncode == 0:
+        docs = world.sh(f"test -d {backup}/docs -a ! -L {backup}/docs && cat {backup}/docs/a.txt")
+        assert docs.stdout == "mine\n"
+    else:
+        assert proc.returncode == 1 and "docs" in proc.stderr, proc.stderr
+    outcome = "symlink replaced by the directory" if proc.returncode == 0 else "refused"
+    record("hostile", f"disk copy dir swapped for a symlink, then resync ({mode(world)})", outcome)
+
+
+def test_symlinks_out_of_a_user_target_stay_links(world: World) -> None:
+    """Links to root's files inside a user's target: resync, unsync, the crash snapshot and
+    restore keep them as links and never write to, chmod or read through them."""
+    target = user_target(world)
+    f, d = canaries(world)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    made = as_user(
+        world,
+        'cd "$1" && ln -s "$2" etc-file && ln -s "$3" etc-dir && ln -s /root root-dir',
+        str(target),
+        str(f),
+        str(d),
+    )
+    assert made.returncode == 0, made.stderr
+    world.asd("resync", check=True)
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)  # recovery: snapshot of the disk copy with the links
+    world.asd("unsync", check=True)
+    assert os.readlink(target / "etc-file") == str(f) and os.readlink(target / "etc-dir") == str(d)
+    restored = world.asd("restore", str(target))
+    assert restored.returncode == 0, restored.stderr
+    for name in ("etc-file", "etc-dir", "root-dir"):
+        assert (target / name).is_symlink(), f"{name} is no longer a symlink after restore"
+    assert_canaries(f, d)
+    assert sorted(os.listdir(d)) == [], f"something was written into {d}"
+    record("hostile", f"symlinks to root's files in a user target ({mode(world)})", "kept as links")
