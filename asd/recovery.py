@@ -19,7 +19,7 @@ from pathlib import Path
 from asd import snapshots
 from asd.errors import SafetyError
 from asd.journal import Journal, fsync_path, open_private_dir, remove_tree
-from asd.layout import WORK_NAME, TargetLayout
+from asd.layout import WORK_NAME, TargetLayout, backup_path
 from asd.state import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,15 @@ def clear_session(target: Path) -> None:
     journal = Journal(target)
     if os.path.lexists(journal.record):
         journal.apply()
+    # The empty mount point beside the target (removed right after this) takes the target's
+    # times first: if a crash falls after the marker is gone but before the journal directory
+    # is, recovery restores the target's mtime from it — the last sync point's, not the
+    # session start's.
+    backup = backup_path(target)
+    if os.path.isdir(backup) and not os.path.islink(backup):
+        st = os.lstat(target)
+        os.utime(backup, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        fsync_path(backup.parent)
     remove_work(target)
 
 
