@@ -2,8 +2,8 @@
 #
 #   make test         lint, unit + integration tiers with coverage, then the container tier
 #   make demo         the whole life of a target in a private mount namespace, narrated
-#   make reliability  every crash point instead of a sample
-#   make bench        (see the performance issue)
+#   make reliability  every crash point and the long fault/load runs (reliability.mk)
+#   make bench        the performance benchmark (bench.mk; measures, is not a test)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -40,7 +40,7 @@ lint: venv
 # test namespaces; coverage follows them through its subprocess patch).
 test-core: deps venv
 	rm -rf .coverage-data
-	$(VENV)/bin/coverage run -m pytest tests/unit tests/integration -m "not container"
+	$(VENV)/bin/coverage run -m pytest tests/unit tests/integration tests/reliability -m "not container"
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report --fail-under=$(COVERAGE_MIN)
 
@@ -53,8 +53,7 @@ unit: venv
 integration: deps venv
 	$(VENV)/bin/pytest -q tests/integration
 
-reliability: deps venv
-	ASD_CRASH_POINTS=all $(VENV)/bin/pytest -q tests/integration/test_power_cut.py
+reliability: reliability-full
 
 demo: deps venv
 	demo/demo.sh
@@ -62,4 +61,4 @@ demo: deps venv
 clean:
 	rm -rf $(VENV) .coverage-data out build dist *.egg-info
 
-include packaging.mk
+include packaging.mk reliability.mk bench.mk
