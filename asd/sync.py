@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import devices, mounts, rsync, tree
+from asd import devices, lower, mounts, rsync, tree
 from asd.config import Config
 from asd.errors import SafetyError, StateError
 from asd.holders import Holder, holders
@@ -289,7 +289,7 @@ class Engine:
             argv = rsync.copy_tree(Path(step.source), path, exclude_top=(WORK_NAME,), progress=tty)
             run(argv, show_output=tty)
         elif step.kind == "lower":
-            run(rsync.link_tree(Path(step.source), path, exclude_top=(WORK_NAME,)))
+            lower.build(Path(step.source), path, frozenset({WORK_NAME}))
         elif step.kind == "overlay":
             layout.upper.mkdir(mode=0o700)
             layout.overlay_work.mkdir(mode=0o700)

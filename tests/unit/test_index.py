@@ -78,3 +78,22 @@ def test_diff_of_overlay_entries() -> None:
     # A whiteout replaced by a file: written, nothing to delete (it is gone on disk already).
     ch = diff(old, {**old, "gone": entry(ino=9)})
     assert ch.deleted == () and ch.files == ("gone",)
+
+
+def test_lower_tree_links_every_file_and_copies_directories(tmp_path: Path) -> None:
+    from asd import lower
+
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "f").write_text("f")
+    os.symlink("d/f", src / "l")
+    (src / ".asd-work").mkdir()
+    os.chmod(src / "d", 0o700)  # not the 0o755 mkdir gave it
+    os.utime(src / "d", ns=(1, 1_500_000_000_123_456_789))
+    dst = src / ".asd-work" / "lower"
+    assert lower.build(src, dst, frozenset({".asd-work"})) == 2
+    assert lower.is_mirror(src, dst, frozenset({".asd-work"}))
+    assert sorted(os.listdir(dst)) == ["d", "l"]
+    st = os.lstat(dst / "d")
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_mtime_ns == 1_500_000_000_123_456_789
+    assert os.readlink(dst / "l") == "d/f"
