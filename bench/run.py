@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import stat
 import subprocess
@@ -255,12 +256,16 @@ class Bench:
     def phase(self, conf: Path, *args: str) -> dict[str, float]:
         os.sync()
         before = sectors_written(self.loop)
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         self.asd(conf, *args)
         wall = time.monotonic() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         os.sync()
+        used = cpu_after.ru_utime + cpu_after.ru_stime - cpu.ru_utime - cpu.ru_stime
         return {
             "seconds": round(wall, 3),
+            "cpu_seconds": round(used, 3),  # asd and what it ran (rsync): less noisy under load
             "disk_bytes": sectors_written(self.loop) - before,
             "ram_bytes": tmpfs_used(self.volatile),
             "index_bytes": tmpfs_used(Path("/run/asd")),
@@ -377,7 +382,8 @@ def print_run(run: dict[str, Any], flush: bool = False) -> None:
     for ph in ("sync", "resync", "idle_resync", "unsync"):
         p = run[ph]
         print(
-            f"   {ph:12} {p['seconds']:8.2f} s  disk {mib(p['disk_bytes']):>8} MiB  "
+            f"   {ph:12} {p['seconds']:8.2f} s ({p.get('cpu_seconds', 0):6.2f} s CPU)  "
+            f"disk {mib(p['disk_bytes']):>8} MiB  "
             f"RAM {mib(p['ram_bytes']):>8} MiB  index {mib(p['index_bytes']):>6} MiB",
             flush=flush,
         )
@@ -481,6 +487,7 @@ def main() -> int:
     if args.only:
         sets = [d for d in sets if d.name in args.only.split(",")]
     started = time.monotonic()
+    bench.results["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
     try:
         bench.setup("4g" if args.quick else "12g")
         for ds in sets:
@@ -490,6 +497,7 @@ def main() -> int:
         bench.teardown()
     res = bench.results
     res["seconds"] = round(time.monotonic() - started, 1)
+    res["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     res["commit"] = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
         capture_output=True,
@@ -504,7 +512,11 @@ def main() -> int:
     if len(res["cp_a"]) == 3:
         print()
         print(goals(res))
-    print(f"\n{res['seconds']:.0f} s in all; JSON in {args.out}")
+    print(
+        f"\n{res['seconds']:.0f} s in all; load average {' '.join(res['loadavg_start'])} at the "
+        f"start, {' '.join(res['loadavg_end'])} at the end (wall times need a quiet machine; "
+        f"bytes and RAM do not); JSON in {args.out}"
+    )
     ok = all(r["verified"] and not r["litter"] for r in res["runs"])
     return 0 if ok else 1
 
