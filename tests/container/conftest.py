@@ -21,7 +21,7 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +74,28 @@ def engine_capabilities(wanted: list[str], image: str) -> list[str]:
             raise RuntimeError(f"docker create failed: {done.stderr.strip()}")
         caps.remove(unknown.group(1))
     raise RuntimeError("could not find a capability set the engine accepts")
+
+
+# The tests of a module build on each other (install, configure, ... purge): after the
+# first failure the rest of that module is skipped, so a hung asd costs one timeout,
+# not one per test (the tier must stay inside CI's budget).
+_FAILED: dict[str, str] = {}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    failed = _FAILED.get(str(item.path))
+    if failed:
+        pytest.skip(f"an earlier step of this module failed: {failed}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and call.when in ("setup", "call"):
+        _FAILED.setdefault(str(item.path), item.name)
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +203,7 @@ class Container:
     id: str
 
     def run(
-        self, script: str, *, check: bool = True, timeout: float = 600
+        self, script: str, *, check: bool = True, timeout: float = 300
     ) -> subprocess.CompletedProcess[str]:
         done = sh(["docker", "exec", self.id, "sh", "-ec", script], check=False, timeout=timeout)
         if check and done.returncode != 0:
