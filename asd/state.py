@@ -125,6 +125,23 @@ class StateStore:
         self.path.unlink(missing_ok=True)
 
 
+def lock_holder(fd: int) -> str | None:
+    """Who holds the lock, as it wrote itself into the file; None if we got the lock while
+    looking. A holder writes its line just after taking the lock and empties the file just
+    before leaving it: an empty file means one of those moments, so look again shortly."""
+    for _ in range(40):
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.05)
+        else:
+            return None
+    return "another asd"
+
+
 @contextmanager
 def locked(instance: Instance, what: str, *, say: Any = None) -> Iterator[None]:
     """Hold the instance's lock for ``what``; tell the user when waiting for another run."""
@@ -134,10 +151,11 @@ def locked(instance: Instance, what: str, *, say: Any = None) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another asd"
-            message = f"waiting for {holder} to finish (lock {instance.lock_file})"
-            (say or log.warning)(message)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            holder = lock_holder(fd)
+            if holder is not None:
+                message = f"waiting for {holder} to finish (lock {instance.lock_file})"
+                (say or log.warning)(message)
+                fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} running 'asd {what}'\n".encode(), 0)
         yield
