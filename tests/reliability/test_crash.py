@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.integration.conftest import CHANGES, populate
 from tests.integration.manifest import differences, manifest
 from tests.integration.test_lifecycle import inside_manifest
@@ -86,7 +88,7 @@ def test_crash_during_resync_with_type_changes(world: World) -> None:
     target = fresh_target(world)
     two_sync_points(world)
     points = count_points(world, "resync")
-    chosen = sample(list(points), 4)
+    chosen = sample(list(points), 3)
     for point in chosen:
         target = fresh_target(world)
         before, after = two_sync_points(world)
@@ -137,7 +139,7 @@ def test_second_crash_during_recovery(world: World) -> None:
     # First crashes: spread over resync, and always one with a commit record pending (the
     # roll-forward is the recovery that does the most) and one with only a stage.
     by_kind: dict[str, list[Point]] = {}
-    for point, kind in first_crash_states(world, sample(list(resync_points), 12 if FULL else 4)):  # type: ignore[arg-type]
+    for point, kind in first_crash_states(world, sample(list(resync_points), 12 if FULL else 3)):  # type: ignore[arg-type]
         by_kind.setdefault(kind, []).append(point)
     firsts = [(pts[len(pts) // 2], kind) for kind, pts in sorted(by_kind.items())]
     total_second = run_second = 0
@@ -192,6 +194,7 @@ def stopped_with_snapshots(world: World, count: int) -> tuple[Path, dict[str, st
     return target, {s.name: digest(s) for s in snaps}
 
 
+@pytest.mark.overlay_in_full  # clean does not depend on the mode
 def test_crash_during_clean(world: World) -> None:
     target, snaps = stopped_with_snapshots(world, 3)
     points = count_points(world, "clean")
@@ -217,6 +220,7 @@ def test_crash_during_clean(world: World) -> None:
     )
 
 
+@pytest.mark.overlay_in_full  # restore does not depend on the mode
 def test_crash_during_restore(world: World) -> None:
     """Whatever point restore dies at, the previous contents are kept whole somewhere, and
     running `asd restore` again brings the snapshot back exactly."""
