@@ -160,9 +160,11 @@ class MountTable:
 
 
 def bind(source: Path | str, target: Path | str) -> list[str]:
-    # --no-canonicalize: asd may pass /proc/<pid>/fd/<n> paths of directories it opened
-    # (see `sync.pinned`); resolving them to a name again would reopen the race they close.
-    return ["mount", "--no-canonicalize", "--bind", str(source), str(target)]
+    # asd may pass /proc/<pid>/fd/<n> paths of directories it opened (see `sync.pinned`).
+    # No --no-canonicalize here: util-linux 2.41's fd-based mount (Debian trixie) refuses such
+    # a magic link with it ("wrong fs type"); canonicalizing resolves the descriptor to the
+    # pinned directory's current name, which narrows the swap race to that lookup.
+    return ["mount", "--bind", str(source), str(target)]
 
 
 def make_private(target: Path | str) -> list[str]:
