@@ -95,8 +95,13 @@ class _Walk:
         source: BlockSource,
         realpath: Callable[[str], str] = os.path.realpath,
         depth: int = 0,
+        chain: frozenset[int] = frozenset(),
     ) -> None:
         self.mounts, self.source, self.realpath, self.depth = mounts, source, realpath, depth
+        # Mounts already on the way down: an overlay layer whose directory is not visible
+        # here (a container's own root, /var/lib/docker/... outside it) resolves back to the
+        # overlay itself, and following it again would repeat the walk at every level.
+        self.chain = chain
         self.via: list[str] = []
         self.disks: list[Disk] = []
         self.leaves: list[tuple[str, bool | None]] = []
@@ -113,6 +118,10 @@ class _Walk:
         except LookupError:
             self.unknown(f"no mount holds {real}")
             return None
+        if mount.mount_id in self.chain:
+            self.unknown(f"{path} leads back to {mount.mountpoint}, which it is a layer of")
+            return None
+        self.chain = self.chain | {mount.mount_id}
         label = f"{mount.fstype} {mount.mountpoint}"
         subvol = next((o[7:] for o in mount.super_options if o.startswith("subvol=")), "/")
         if mount.root not in ("/", subvol):
@@ -199,7 +208,7 @@ class _Walk:
         self.nested(backing)
 
     def nested(self, path: str) -> _Walk:
-        child = _Walk(self.mounts, self.source, self.realpath, self.depth + 1)
+        child = _Walk(self.mounts, self.source, self.realpath, self.depth + 1, self.chain)
         if os.path.isabs(path):
             child.path(path)
         else:  # the kernel keeps what the mounter wrote, relative to a cwd long gone

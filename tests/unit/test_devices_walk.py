@@ -7,7 +7,7 @@ import os
 from asd.devices import describe_node, describe_path
 from asd.disks import BlockRecord, PathDevice
 from asd.mounts import MountTable, parse_mountinfo
-from asd.stack import MAX_DEPTH, DeviceUnreadable, overlay_layers, resolve_path
+from asd.stack import DeviceUnreadable, overlay_layers, resolve_path
 from tests.unit.devfixtures import scenario
 
 VM = "/var/tmp/asd-capture/mnt"
@@ -204,12 +204,12 @@ def test_a_loop_without_backing_file_or_with_a_deleted_one_is_unknown() -> None:
     assert deleted.kind == "unknown"
 
 
-def test_a_loop_backed_by_a_file_on_itself_stops_at_the_depth_limit() -> None:
+def test_a_loop_backed_by_a_file_on_itself_stops_at_the_first_repeat() -> None:
     source = MemorySource(loop("loop5", "7:5", "/l/img"))
     mounts = table("62 1 7:5 / /l rw - ext4 /dev/loop5 rw")
     device = describe_path("/l", mounts, source=source)
     assert device.kind == "unknown"
-    assert device.reason == f"devices under /l nest deeper than {MAX_DEPTH}"
+    assert device.reason == "/l/img leads back to /l, which it is a layer of"
 
 
 def test_a_partition_whose_disk_cannot_be_read_keeps_what_was_found() -> None:
@@ -242,3 +242,19 @@ def test_an_overlay_layer_given_as_a_relative_path_is_not_guessed() -> None:
     assert device.kind == "unknown"
     assert device.reason is not None
     assert "the relative path up, which cannot be followed" in device.reason
+
+
+def test_a_container_root_overlay_whose_layers_are_outside_it_ends() -> None:
+    """Docker's / is an overlay whose layer directories live on the host, invisible inside:
+    each resolves back to / itself. The walk must stop there, not follow it again."""
+    source, _ = scenario("vm")
+    layers = ":".join(f"/var/lib/docker/overlay2/l/L{i}" for i in range(5))
+    lines = [
+        f"600 500 0:90 / / rw - overlay overlay rw,lowerdir={layers},"
+        "upperdir=/var/lib/docker/overlay2/x/diff,workdir=/var/lib/docker/overlay2/x/work",
+        "601 600 0:91 / /tmp rw - tmpfs tmpfs rw",
+    ]
+    device = resolve_path("/srv/target", table(*lines), source, os.path.normpath)
+    assert device.kind == "unknown"
+    assert device.reason is not None and "leads back to /" in device.reason
+    assert len(device.via) < 20, "the walk went round the overlay again"
