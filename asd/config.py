@@ -357,7 +357,7 @@ class _Parser:
             if isinstance(value, list):
                 self.targets = (self.targets if op == "+=" else []) + value
             elif op == "+=":
-                self.problem(start, "glue", shown, name=name, value=value)
+                self.problem(start, "glue", shown, name=name, value=_show(value))
             else:  # bash makes a plain value a one-entry list; an empty one means no entries
                 self.targets = [(start, value)] if value else []
         elif isinstance(value, list):
