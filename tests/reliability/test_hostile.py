@@ -128,10 +128,11 @@ def test_swapped_for_a_symlink_while_sync_sets_up(world: World, swapped: str) ->
     backup = target.parent / ".t-backup_asd"
     name = backup if swapped == "backup mount point" else target
     racer = racing_user(world, SWAP, str(name), str(d), str(backup))
-    # Hold asd 1 s after it creates the backup mount point (the race window, made wide).
-    # (asd makes it as .t-backup_asd.new and renames it: -P matches either name of a rename)
-    hold: tuple[str, ...] = ("strace", "-o", "/dev/null", "-P", str(backup))
-    hold += ("-e", "trace=mkdir,rename", "-e", "inject=mkdir,rename:delay_exit=1000000")
+    # Hold asd 3 s after it creates the backup mount point (the race window, made wide):
+    # it is made as .t-backup_asd.new and renamed; strace's -P matches a rename's source.
+    new_name = f"{backup}.new"
+    hold: tuple[str, ...] = ("strace", "-o", "/dev/null", "-P", new_name, "-e", "trace=rename")
+    hold += ("-e", "inject=rename:delay_exit=3000000")
     proc = world.asd("sync", prefix=hold)
     assert racer.wait(timeout=90) == 0, "the racing user never got to swap the name"
     assert mounts_at(world, d) == 0, f"asd mounted on {d} through the user's symlink"
