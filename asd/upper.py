@@ -103,7 +103,17 @@ def _may_have_other_names(layout: TargetLayout, rel: str) -> bool:
         st = os.lstat(layout.lower / rel)
     except OSError:
         return True  # renamed on copy-up: its origin is elsewhere
-    return st.st_nlink > 2 or origin[5 + 16 :] != _file_handle(layout.lower / rel)
+    if st.st_nlink > 2 or origin[5 + 16 :] != _file_handle(layout.lower / rel):
+        return True
+    if st.st_nlink == 2:
+        # One lower name and the disk copy's, or two lower names once resyncs replaced the
+        # disk copy's: only the first is a file without other names.
+        try:
+            disk = os.lstat(layout.backup / rel)
+        except OSError:
+            return True
+        return (disk.st_dev, disk.st_ino) != (st.st_dev, st.st_ino)
+    return False
 
 
 class _FileHandle(ctypes.Structure):
