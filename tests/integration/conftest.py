@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -149,11 +150,12 @@ class World:
         self.holder = None
 
 
-@pytest.fixture(params=["copy", "overlay"])
-def world(request: pytest.FixtureRequest) -> Iterator[World]:
+@contextmanager
+def booted_world(*, overlay: bool) -> Iterator[World]:
+    """A fresh World, booted; afterwards its namespace is gone and its directory removed."""
     base = Path(tempfile.mkdtemp(prefix="asd-it-", dir="/var/tmp"))
     base.chmod(0o755)  # the unprivileged "local user" of some tests must reach VOLATILE
-    w = World(base, overlay=request.param == "overlay")
+    w = World(base, overlay=overlay)
     w.boot()
     try:
         yield w
@@ -161,20 +163,18 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
         if w.holder is not None:
             w.power_cut()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["copy", "overlay"])
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    with booted_world(overlay=request.param == "overlay") as w:
+        yield w
 
 
 @pytest.fixture
 def copy_world() -> Iterator[World]:
-    base = Path(tempfile.mkdtemp(prefix="asd-it-", dir="/var/tmp"))
-    base.chmod(0o755)
-    w = World(base, overlay=False)
-    w.boot()
-    try:
+    with booted_world(overlay=False) as w:
         yield w
-    finally:
-        if w.holder is not None:
-            w.power_cut()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def populate(root: Path) -> None:
