@@ -23,6 +23,7 @@ Three things the upper layer alone does not say, handled here:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 from pathlib import Path
@@ -45,6 +46,7 @@ from asd.tree import (
 
 EXCLUDE = frozenset({WORK_NAME})
 OPAQUE_XATTR = "trusted.overlay.opaque"
+ORIGIN_XATTR = "trusted.overlay.origin"
 REDIRECT_XATTR = "trusted.overlay.redirect"
 
 
@@ -80,12 +82,62 @@ def upper_index(layout: TargetLayout) -> Index:
             flags = _dir_flags(os.path.join(layout.upper, rel))
             if flags:
                 entry = (entry[0] | flags, *entry[1:])
-        elif stat.S_ISREG(mode) and st.st_nlink > 1:
+        elif stat.S_ISREG(mode) and st.st_nlink > 1 and _may_have_other_names(layout, rel):
             linked.add(rel)
         out[rel] = entry
     if linked and _has_index_entries(layout):
         out.update(_other_names(layout, linked, out))
     return out
+
+
+def _may_have_other_names(layout: TargetLayout, rel: str) -> bool:
+    """Whether a copied-up file may have names elsewhere in the merged view. Every lower file
+    has two links (the disk copy's name and the lower tree's), so index=on indexes every
+    copy-up; other names exist only when the origin has more. Without an origin the file
+    never came from the lower layer and all its names are in the upper one."""
+    try:
+        origin = os.getxattr(layout.upper / rel, ORIGIN_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    try:
+        st = os.lstat(layout.lower / rel)
+    except OSError:
+        return True  # renamed on copy-up: its origin is elsewhere
+    if st.st_nlink > 2 or origin[5 + 16 :] != _file_handle(layout.lower / rel):
+        return True
+    if st.st_nlink == 2:
+        # One lower name and the disk copy's, or two lower names once resyncs replaced the
+        # disk copy's: only the first is a file without other names.
+        try:
+            disk = os.lstat(layout.backup / rel)
+        except OSError:
+            return True
+        return (disk.st_dev, disk.st_ino) != (st.st_dev, st.st_ino)
+    return False
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * 128),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100  # name_to_handle_at never follows a final symlink unless asked to
+
+
+def _file_handle(path: Path) -> bytes:
+    """The kernel's file handle of ``path`` (what an overlay's origin xattr records), or b""."""
+    fh = _FileHandle(handle_bytes=128)
+    mount_id = ctypes.c_int()
+    rc = _libc.name_to_handle_at(
+        AT_FDCWD, os.fsencode(path), ctypes.byref(fh), ctypes.byref(mount_id), 0
+    )
+    if rc != 0:
+        return b""
+    return bytes(fh.f_handle[: fh.handle_bytes])
 
 
 def _has_index_entries(layout: TargetLayout) -> bool:
