@@ -240,6 +240,18 @@ class Container:
             time.sleep(0.5)
         raise AssertionError(f"systemd did not finish booting in {timeout} s (state {state!r})")
 
+    def settle(self, timeout: float = 300) -> None:
+        """Wait until systemd has no job queued or running.
+
+        `systemctl start asd.service` returns when asd.service is up, while the resync
+        it wants may still be running: a file written then could miss that resync, and a
+        `systemctl start asd-resync.service` would join it instead of starting a new one.
+        """
+        deadline = time.monotonic() + timeout
+        while self.out("systemctl list-jobs --no-legend").strip():
+            assert time.monotonic() < deadline, self.out("systemctl list-jobs")
+            time.sleep(0.2)
+
     def mounts(self) -> list[tuple[str, str]]:
         """(mount point, fstype) of every mount PID 1 sees, octal escapes decoded."""
         result = []

@@ -91,6 +91,7 @@ def test_pacman_install_and_run(arch_box: Container) -> None:
     assert TARGET in box.show("asd.service", "RequiresMountsFor").split()
 
     box.run("systemctl enable --now asd.service")
+    box.settle()
     assert box.show("asd.service", "ActiveState") == "active"
     assert (TARGET, "overlay") in box.mounted_under(TARGET)
     box.run(f"echo 'written in RAM' > {TARGET}/b.txt")
@@ -108,6 +109,7 @@ def test_pacman_install_and_run(arch_box: Container) -> None:
 def test_pacman_remove_stops_asd_first(arch_box: Container) -> None:
     box = arch_box
     box.run("systemctl start asd.service")
+    box.settle()
     assert (TARGET, "overlay") in box.mounted_under(TARGET)
     box.run(f"echo 'only in RAM at removal' > {TARGET}/d.txt")
     box.run("pacman -R --noconfirm anything-sync-daemon")

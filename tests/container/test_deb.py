@@ -157,11 +157,13 @@ def test_generator_adds_mount_dependencies(deb_box: Container) -> None:
 def test_enable_now_serves_targets_from_ram(deb_box: Container) -> None:
     box = deb_box
     box.run("systemctl enable --now asd.service")
+    box.settle()
     assert box.show("asd.service", "ActiveState") == "active"
     assert in_ram(box) == {ONE: "tmpfs", TWO: "tmpfs"}
     assert box.out(f"cat {ONE}/hello.txt") == "one: written before sync"
     assert box.out(f"cat {TWO}/deep/er/file.txt") == "two: written before sync"
     # the resync that asd.service wants ran, and it started the timer
+    assert int(box.show("asd-resync.service", "ExecMainStartTimestampMonotonic")) > 0
     assert box.show("asd-resync.service", "Result") == "success"
     assert box.show("asd-resync.timer", "ActiveState") == "active"
 
@@ -212,6 +214,7 @@ def test_stop_leaves_latest_data_on_disk_and_nothing_mounted(deb_box: Container)
     assert box.show("asd-resync.service", "Result") == "exec-condition"
     assert box.show("asd-resync.timer", "ActiveState") == "inactive"
     box.run("systemctl start asd.service")
+    box.settle()
     assert in_ram(box) == {ONE: "tmpfs", TWO: "tmpfs"}
     assert box.show("asd-resync.timer", "ActiveState") == "active"
 

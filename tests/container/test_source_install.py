@@ -42,6 +42,7 @@ def test_make_install_then_service_runs(src_box: Container) -> None:
     box.run(f"mkdir -p {TARGET} && echo 'before sync' > {TARGET}/a.txt")
     box.write("/etc/asd.conf", f"WHATTOSYNC=('{TARGET}')\n")
     box.run("systemctl daemon-reload && systemctl enable --now asd.service")
+    box.settle()
     assert TARGET in box.show("asd.service", "RequiresMountsFor").split()
     assert (TARGET, "tmpfs") in box.mounted_under(TARGET)
     box.run(f"echo 'in RAM' > {TARGET}/b.txt && systemctl start asd-resync.service")
@@ -53,6 +54,7 @@ def test_make_install_then_service_runs(src_box: Container) -> None:
     # installing again while asd runs: asd is stopped first (the data goes to disk
     # with the code that mounted it), started again after, the config is kept
     box.run("systemctl start asd.service")
+    box.settle()
     box.run(f"echo 'before reinstall' > {TARGET}/d.txt")
     box.run("make -C /root/src install", timeout=600)
     assert TARGET in box.out("cat /etc/asd.conf")
