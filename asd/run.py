@@ -15,8 +15,6 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import sh
-
 from asd.errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,8 @@ def run(
     ``show_output`` passes the command's standard output straight to ours (progress lines on a
     terminal); it is then not captured.
     """
+    import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
+
     log.debug("run: %s", shlex.join(argv))
     try:
         program = sh.Command(argv[0])
