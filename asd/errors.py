@@ -34,6 +34,20 @@ class CommandError(AsdError):
             message = f"{argv[0]} exited with status {exit_code}: {summary(stderr)}"
         super().__init__(message)
 
+    def showing(self, alias: str, path: str) -> CommandError:
+        """The same error with ``alias`` (a ``/proc/self/fd/N`` name) shown as ``path``."""
+
+        def fix(text: str) -> str:
+            return text.replace(alias, path)
+
+        return CommandError(
+            [fix(a) for a in self.argv],
+            self.exit_code,
+            fix(self.stdout),
+            fix(self.stderr),
+            message=fix(str(self)),
+        )
+
 
 def summary(stderr: str) -> str:
     """The lines of a tool's error output worth showing: the first names what failed (rsync:

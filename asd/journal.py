@@ -59,14 +59,30 @@ def fsync_path(path: Path) -> None:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every regular file and directory below ``root`` (symlinks have no data)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
+def fsync_tree(root_fd: int, shown: Path) -> None:
+    """fsync every regular file and directory below the opened directory ``root_fd``
+    (symlinks have no data), never following a symlink; errors name ``shown``/…"""
+    for dirpath, _dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root_fd):
+        here = shown / dirpath
         for name in filenames:
-            p = Path(dirpath, name)
-            if stat.S_ISREG(os.lstat(p).st_mode):
-                fsync_path(p)
-        fsync_path(Path(dirpath))
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue  # a symlink
+                raise named(exc, here / name) from exc
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fsync(fd)
+            except OSError as exc:
+                # fsync is where a failing disk reports lost writes (EIO): say which file.
+                raise OSError(exc.errno, exc.strerror, str(here / name)) from exc
+            finally:
+                os.close(fd)
+        try:
+            os.fsync(dir_fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(here)) from exc
 
 
 def remove_tree(path: Path) -> None:
@@ -165,13 +181,34 @@ def _exists_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
+@contextmanager
+def open_dir_at(root_fd: int, rel: str, where: Path) -> Iterator[int]:
+    """An fd of the directory ``rel`` below ``root_fd`` ("" is ``root_fd`` itself), reached
+    without following symlinks; ``where`` names ``root_fd`` in messages."""
+    if not rel:
+        fd = os.dup(root_fd)
+    else:
+        parts = rel_parts(rel)
+        with _parent(root_fd, parts, where) as pfd:
+            fd = os.open(parts[-1], O_DIR, dir_fd=pfd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def dir_metadata(path: Path) -> dict[str, object]:
     """Owner, mode, times and xattrs (POSIX ACLs are xattrs) of a directory, as JSON."""
-    st = os.lstat(path)
-    xattrs = {
-        name: os.getxattr(path, name, follow_symlinks=False).hex()
-        for name in os.listxattr(path, follow_symlinks=False)
-    }
+    fd = os.open(path, O_DIR)
+    try:
+        return dir_metadata_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def dir_metadata_fd(fd: int) -> dict[str, object]:
+    st = os.fstat(fd)
+    xattrs = {name: os.getxattr(fd, name).hex() for name in os.listxattr(fd)}
     return {
         "uid": st.st_uid,
         "gid": st.st_gid,
@@ -232,27 +269,47 @@ class Journal:
         finally:
             os.close(fd)
 
-    def new_stage(self) -> Path:
+    @contextmanager
+    def new_stage(self) -> Iterator[int]:
+        """An empty stage, as an open directory descriptor: whoever fills it must write
+        through that (``/proc/self/fd/N``), never by name. The disk copy's owner can rename
+        ``.asd-work`` and plant a symlink in its place at any moment; a write by name would
+        then follow it anywhere, as root."""
         try:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(self.work, 0o700)
             with self._work_fd() as wfd:
                 _remove_at(wfd, "stage")
                 os.mkdir("stage", 0o700, dir_fd=wfd)
+                fd = os.open("stage", O_DIR, dir_fd=wfd)
         except OSError as exc:
             raise named(exc, self.stage) from exc
-        return self.stage
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def commit(self, changes: Changes) -> None:
         """Make the staged changes durable and apply them. Returns at a new sync point."""
-        with self._work_fd() as wfd:
-            fsync_tree(self.stage)
-            dirs = {
-                rel: dir_metadata(self.stage / rel if rel else self.stage) for rel in changes.dirs
-            }
+        with self._work_fd() as wfd, open_dir_at(wfd, "stage", self.work) as sfd:
+            fsync_tree(sfd, self.stage)
+            dirs: dict[str, dict[str, object]] = {}
+            for rel in changes.dirs:
+                with open_dir_at(sfd, rel, self.stage) as fd:
+                    dirs[rel] = dir_metadata_fd(fd)
             record = {"deleted": list(changes.deleted), "dirs": dirs, "files": list(changes.files)}
             write_json_atomic(self.record, record, dir_fd=wfd)
         self.apply()
+
+    def staged(self, stage_fd: int, rel: str) -> bool:
+        """Whether ``rel`` is in the stage ``stage_fd``, looked up without following links
+        (under a directory that became a symlink in RAM since the walk, it is not)."""
+        try:
+            parts = rel_parts(rel)
+            with _parent(stage_fd, parts, self.stage) as pfd:
+                return _exists_at(pfd, parts[-1]) is not None
+        except (FileNotFoundError, NotADirectoryError, SafetyError):
+            return False
 
     def _read_record(self, wfd: int) -> tuple[list[str], dict[str, dict[str, object]], list[str]]:
         fd = os.open("commit.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
@@ -356,31 +413,18 @@ class Journal:
             touched.add(rel.rpartition("/")[0])
         for rel in sorted(dirs, key=lambda r: r.count("/"), reverse=True):
             at[0] = rel
-            with self._open_dir(dfd, rel) as fd:
+            with open_dir_at(dfd, rel, disk) as fd:
                 set_dir_metadata_fd(fd, dirs[rel])
             touched.add(rel)
         for rel in touched:
             at[0] = rel
             try:
-                with self._open_dir(dfd, rel) as fd:
+                with open_dir_at(dfd, rel, disk) as fd:
                     os.fsync(fd)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(disk / rel)) from exc
-
-    @contextmanager
-    def _open_dir(self, dfd: int, rel: str) -> Iterator[int]:
-        if not rel:
-            fd = os.dup(dfd)
-        else:
-            parts = rel_parts(rel)
-            with _parent(dfd, parts, self.disk) as pfd:
-                fd = os.open(parts[-1], O_DIR, dir_fd=pfd)
-        try:
-            yield fd
-        finally:
-            os.close(fd)
 
     def recover(self) -> str | None:
         """Finish or discard what a crashed resync left. Says what it did, or None."""

@@ -44,11 +44,13 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     show_output: bool = False,
+    pass_fds: Collection[int] = (),
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 
     ``show_output`` passes the command's standard output straight to ours (progress lines on a
-    terminal); it is then not captured.
+    terminal); it is then not captured. ``pass_fds``: descriptors the command inherits, under
+    the same numbers (for ``/proc/self/fd/N`` paths); every other one is closed.
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -71,6 +73,10 @@ def run(
     }
     if show_output:
         options["_out"] = sys.stdout
+    if pass_fds:
+        options["_pass_fds"] = set(pass_fds)
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)  # sh keeps them open, but exec would close a CLOEXEC one
     try:
         proc = program(*argv[1:], **options)
     except sh.ErrorReturnCode as exc:
@@ -86,6 +92,9 @@ def run(
             exc.stdout.decode("utf-8", "surrogateescape"),
             exc.stderr.decode("utf-8", "surrogateescape"),
         ) from None
+    finally:
+        for fd in pass_fds:
+            os.set_inheritable(fd, False)
     result = Result(argv, int(proc.exit_code), str(proc), proc.stderr.decode("utf-8", "replace"))
     if result.exit_code != 0:
         log.debug("%s exited %d (accepted)", argv[0], result.exit_code)

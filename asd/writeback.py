@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import index, rsync, upper
+from asd.errors import CommandError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
 from asd.run import run
@@ -85,15 +86,12 @@ def pending(layout: TargetLayout) -> Changes:
     return compare(layout)[2]
 
 
-def syncfs(path: Path) -> None:
-    """Flush the file system holding ``path``: data and metadata, in one journal commit."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path))
-    finally:
-        os.close(fd)
+def syncfs(fd: int, shown: Path) -> None:
+    """Flush the file system holding the open ``fd`` (``shown`` in messages): data and
+    metadata, in one journal commit."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(shown))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -123,19 +121,29 @@ def resync_target(layout: TargetLayout) -> WriteBack:
     old, new, changes = compare(layout)
     if changes.empty:
         return WriteBack(layout.target, 0, 0, ())
-    stage = journal.new_stage()
     listed = [*changes.dirs, *changes.files]
     list_file = layout.index_file.with_suffix(".list")
-    list_file.write_bytes(b"".join(os.fsencode(r or ".") + b"\0" for r in listed))
     try:
-        run(
-            rsync.copy_listed(layout.ram_copy, stage, list_file),
-            ok_codes=rsync.ok_codes(allow_vanished=True),
-        )
-        # Durable before the commit record names them; the journal's fsync of each staged
-        # file then finds nothing left to write.
-        syncfs(stage)
-        vanished = tuple(r for r in listed if r and not os.path.lexists(stage / r))
+        list_file.write_bytes(b"".join(os.fsencode(r or ".") + b"\0" for r in listed))
+    except OSError as exc:
+        list_file.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(list_file)) from exc
+    try:
+        with journal.new_stage() as stage:
+            # rsync writes through the stage's descriptor, not its name (see new_stage)
+            alias = f"/proc/self/fd/{stage}"
+            try:
+                run(
+                    rsync.copy_listed(layout.ram_copy, Path(alias), list_file),
+                    ok_codes=rsync.ok_codes(allow_vanished=True),
+                    pass_fds=(stage,),
+                )
+            except CommandError as exc:
+                raise exc.showing(alias, str(journal.stage)) from None
+            # Durable before the commit record names them; the journal's fsync of each
+            # staged file then finds nothing left to write.
+            syncfs(stage, journal.stage)
+            vanished = tuple(r for r in listed if r and not journal.staged(stage, r))
         deleted = list(changes.deleted)
         for rel in vanished:
             # Gone from RAM between the walk and the copy: remove it on disk if it was there,

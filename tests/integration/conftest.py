@@ -99,8 +99,9 @@ class World:
             )
         return proc
 
-    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(self._enter(argv), start_new_session=True)
+    def spawn(self, argv: list[str], *, capture: bool = False) -> subprocess.Popen[bytes]:
+        pipe = subprocess.PIPE if capture else None
+        proc = subprocess.Popen(self._enter(argv), start_new_session=True, stdout=pipe, stderr=pipe)
         self.children.append(proc)
         return proc
 

@@ -243,6 +243,52 @@ def test_disk_copy_directory_swapped_for_a_symlink_is_not_written_through(world:
     record("hostile", f"disk copy dir swapped for a symlink, then resync ({mode(world)})", outcome)
 
 
+def test_journal_swapped_for_a_symlink_while_resync_stages(world: World) -> None:
+    """The owner renames the disk copy's .asd-work (root's 0700 directory, but in a directory
+    the owner may write) and puts a symlink to their own directory in its place, whose
+    stage/ is a symlink to a root directory — after asd made the stage, before rsync fills
+    it. Nothing may be written into the root directory."""
+    target = user_target(world)
+    f, d = canaries(world)
+    (d / "docs").mkdir()
+    before = manifest(d)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    backup = target.parent / ".t-backup_asd"
+    world.sh(f"echo changed > {target}/docs/a.txt")
+    rsync_path = world.sh("command -v rsync").stdout.strip()
+    # hold rsync's start 3 s (the window between making the stage and filling it, made wide)
+    hold: tuple[str, ...] = ("strace", "-f", "-o", "/dev/null", "-P", rsync_path)
+    hold += ("-e", "trace=execve")
+    hold += ("-e", "inject=execve:delay_enter=3000000")
+    held = world.spawn([*hold, *world_asd_argv(world, "resync")], capture=True)
+    stage = backup / ".asd-work" / "stage"
+    world.run(
+        ["sh", "-c", f"for i in $(seq 600); do [ -d {stage} ] && exit; sleep 0.02; done; exit 1"],
+        check=True,
+    )
+    swapped = as_user(
+        world,
+        'mkdir "$3" && ln -s "$2" "$3/stage" && mv "$1" "$1.moved" && ln -s "$3" "$1"',
+        str(backup / ".asd-work"),
+        str(d),
+        str(target.parent / "evil"),
+    )
+    assert swapped.returncode == 0, swapped.stderr
+    out, err = held.communicate(timeout=120)
+    assert manifest(d) == before, f"asd wrote into {d} through the user's symlinks"
+    assert_canaries(f, d)
+    assert world.sh(f"cat {target}/docs/a.txt").stdout == "changed\n", "RAM data lost"
+    # Either outcome is safe: the resync completes through its descriptors, or it refuses
+    # the swapped journal directory when it comes to commit. (rsync 3.4+ also refuses a
+    # symlink in its destination path; asd does not rely on that: rsync gets the stage as
+    # /proc/self/fd/N.)
+    if held.returncode != 0:
+        assert held.returncode == 1 and b".asd-work" in err, (out, err)
+    outcome = "refused at commit" if held.returncode else "completed through its descriptors"
+    record("hostile", f"journal dir swapped for a symlink during resync ({mode(world)})", outcome)
+
+
 def test_symlinks_out_of_a_user_target_stay_links(world: World) -> None:
     """Links to root's files inside a user's target: resync, unsync, the crash snapshot and
     restore keep them as links and never write to, chmod or read through them."""

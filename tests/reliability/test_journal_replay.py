@@ -19,7 +19,9 @@ def test_replayed_record_keeps_type_changes(tmp_path: Path) -> None:
     (disk / "f").write_text("old f\n")
     os.symlink("d", disk / "l")
     journal = Journal(disk)
-    stage = journal.new_stage()
+    with journal.new_stage():  # a test writes the stage by name; asd writes through the fd
+        pass
+    stage = journal.stage
     (stage / "d").write_text("now a file\n")
     (stage / "f").mkdir()
     (stage / "f" / "y").write_text("y\n")

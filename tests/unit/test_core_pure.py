@@ -143,7 +143,9 @@ def test_journal_roll_forward_is_idempotent(tmp_path: Path) -> None:
     (disk / "old").write_text("old")
     (disk / "sub" / "f").write_text("v1")
     j = Journal(disk)
-    stage = j.new_stage()
+    with j.new_stage():  # a test writes the stage by name; asd writes through the fd
+        pass
+    stage = j.stage
     (stage / "sub").mkdir()
     (stage / "sub" / "f").write_text("v2")
     (stage / "sub" / "n").write_text("new")
@@ -168,7 +170,8 @@ def test_journal_discards_an_uncommitted_stage(tmp_path: Path) -> None:
     disk.mkdir()
     (disk / "f").write_text("kept")
     j = Journal(disk)
-    (j.new_stage() / "f").write_text("half")
+    with j.new_stage():
+        (j.stage / "f").write_text("half")
     assert "discarded" in (j.recover() or "")
     assert (disk / "f").read_text() == "kept" and not j.stage.exists()
 
@@ -221,3 +224,29 @@ def test_sizes_and_memory(tmp_path: Path) -> None:
     (tmp_path / "m").write_text("MemTotal: 10 kB\nMemAvailable:   2048 kB\n")
     assert meminfo_available(str(tmp_path / "m")) == 2 * 1024 * 1024
     assert meminfo_available(str(tmp_path / "none")) is None
+
+
+def test_a_command_error_shows_the_stage_by_name_not_by_descriptor() -> None:
+    from asd.errors import CommandError
+
+    err = CommandError(
+        ["rsync", "-a", "src/", "/proc/self/fd/7/"],
+        23,
+        stderr='rsync: [Receiver] mkstemp "/proc/self/fd/7/docs/.a.txt.XyZ" failed: '
+        "No space left on device (28)\nrsync error: some files could not be transferred",
+    )
+    shown = err.showing("/proc/self/fd/7", "/d/.t-backup_asd/.asd-work/stage")
+    assert "/d/.t-backup_asd/.asd-work/stage/docs/.a.txt.XyZ" in str(shown)
+    assert "/proc/self/fd" not in str(shown) + shown.stderr + " ".join(shown.argv)
+    assert (shown.exit_code, shown.argv[-1]) == (23, "/d/.t-backup_asd/.asd-work/stage/")
+
+
+def test_a_stage_is_reached_through_its_descriptor(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    with j.new_stage() as fd:
+        os.mkdir("d", dir_fd=fd)
+        os.symlink("/etc", "l", dir_fd=fd)
+        open(os.open("d/f", os.O_CREAT | os.O_WRONLY, dir_fd=fd), "w").close()
+        assert j.staged(fd, "d/f") and j.staged(fd, "l") and not j.staged(fd, "l/passwd")
+        assert not j.staged(fd, "gone")
+    assert stat.S_IMODE(os.lstat(j.stage).st_mode) == 0o700
