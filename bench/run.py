@@ -343,6 +343,9 @@ class Bench:
             t.mkdir(parents=True)
             populate(t, DataSet("p", 1000, 0.0, 250), rng)
             targets.append(t)
+        # asd as packaged: dh_python3 and Arch's python packages ship byte-compiled modules,
+        # and this shell may set PYTHONDONTWRITEBYTECODE, which would time the compiler instead
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "asd")], check=True)
         conf = self.base / "asd-ten.conf"
         listed = " ".join(f"'{t}'" for t in targets)
         conf.write_text(f'WHATTOSYNC=({listed})\nVOLATILE="{self.volatile}"\n')
