@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,12 +289,16 @@ class Journal:
         finally:
             os.close(fd)
 
-    def commit(self, changes: Changes) -> None:
-        """Make the staged changes durable and apply them. Returns at a new sync point."""
+    def commit(self, changes: Changes, given: Mapping[str, dict[str, object]]) -> None:
+        """Make the staged changes durable and apply them. Returns at a new sync point.
+        Each directory's metadata is read from the stage, unless ``given`` holds it."""
         with self._work_fd() as wfd, open_dir_at(wfd, "stage", self.work) as sfd:
             fsync_tree(sfd, self.stage)
             dirs: dict[str, dict[str, object]] = {}
             for rel in changes.dirs:
+                if rel in given:
+                    dirs[rel] = given[rel]
+                    continue
                 with open_dir_at(sfd, rel, self.stage) as fd:
                     dirs[rel] = dir_metadata_fd(fd)
             record = {"deleted": list(changes.deleted), "dirs": dirs, "files": list(changes.files)}

@@ -170,15 +170,20 @@ def _other_names(layout: TargetLayout, linked: set[str], upper: Index) -> Index:
 
 
 def has_links(layout: TargetLayout, changes: Changes) -> bool:
-    """Whether a file to write may have other names in the merged view. A file from the lower
-    layer counts the lower tree's link too, so this is true after any `expand` that brought
-    lower files: then the caller groups names by a full walk (rare: a renamed directory)."""
+    """Whether a file to write may have other names in the merged view that the write-back
+    must keep one inode with it: then the caller groups names by a full walk. Every lower
+    file counts the lower tree's link too, so the merged view's link count alone would say
+    yes for any file ever copied up; a name in the upper layer is asked about its origin
+    instead (`_may_have_other_names`), and only names read from the merged view (`expand`'s,
+    `_other_names`') with more than one link count (rare: hard links, renamed directories)."""
     for rel in changes.files:
         try:
-            if os.lstat(layout.ram_copy / rel).st_nlink > 1:
-                return True
+            if os.lstat(layout.ram_copy / rel).st_nlink <= 1:
+                continue
         except FileNotFoundError:
             continue
+        if not os.path.lexists(layout.upper / rel) or _may_have_other_names(layout, rel):
+            return True
     return False
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from asd import index, rsync, upper
 from asd.errors import CommandError
-from asd.journal import Journal
+from asd.journal import Journal, dir_metadata
 from asd.layout import WORK_NAME, TargetLayout
 from asd.run import run
 from asd.tree import Changes, Index, diff, parent_of, with_links
@@ -121,10 +121,12 @@ def resync_target(layout: TargetLayout) -> WriteBack:
     old, new, changes = compare(layout)
     if changes.empty:
         return WriteBack(layout.target, 0, 0, ())
-    listed = [*changes.dirs, *changes.files]
+    # Not the root: rsync copies the contents of a listed "." one level down (every file at
+    # the top of the target, data and all); the commit takes its metadata from RAM instead.
+    listed = [r for r in (*changes.dirs, *changes.files) if r]
     list_file = layout.index_file.with_suffix(".list")
     try:
-        list_file.write_bytes(b"".join(os.fsencode(r or ".") + b"\0" for r in listed))
+        list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
     except OSError as exc:
         list_file.unlink(missing_ok=True)
         raise OSError(exc.errno, exc.strerror, str(list_file)) from exc
@@ -143,7 +145,7 @@ def resync_target(layout: TargetLayout) -> WriteBack:
             # Durable before the commit record names them; the journal's fsync of each
             # staged file then finds nothing left to write.
             syncfs(stage, journal.stage)
-            vanished = tuple(r for r in listed if r and not journal.staged(stage, r))
+            vanished = tuple(r for r in listed if not journal.staged(stage, r))
         deleted = list(changes.deleted)
         for rel in vanished:
             # Gone from RAM between the walk and the copy: remove it on disk if it was there,
@@ -157,7 +159,8 @@ def resync_target(layout: TargetLayout) -> WriteBack:
             tuple(r for r in changes.files if r not in gone),
             tuple(r for r in changes.dirs if r not in gone),
         )
-        journal.commit(final)
+        root = {"": dir_metadata(layout.ram_copy)} if "" in final.dirs else {}
+        journal.commit(final, root)
     except BaseException:
         if not os.path.lexists(journal.record):
             journal.recover()  # discard the uncommitted stage; the disk copy is untouched

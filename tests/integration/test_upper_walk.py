@@ -5,8 +5,12 @@ up through one name) must still land on disk exactly as programs see them."""
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 
-from tests.integration.conftest import World
+import pytest
+
+from tests.integration.conftest import World, booted_world
 from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
 
@@ -56,3 +60,78 @@ def test_resync_writes_exactly_the_view(world: World) -> None:
     final = inside_manifest(world, target)
     world.asd("unsync", check=True)
     assert manifest(target) == final
+
+
+@pytest.fixture
+def overlay_world() -> Iterator[World]:
+    with booted_world(overlay=True) as w:
+        yield w
+
+
+def resync_lookups(world: World, files: int) -> int:
+    """stat-family, openat and getdents64 calls of one resync after the same changes (three files
+    appended, one rewritten by rename, two created) in a synced target of ``files`` files."""
+    target = world.target(f"t{files}")
+    for d in range(files // 100):
+        os.makedirs(target / f"d{d}")
+        for f in range(100):
+            (target / f"d{d}" / f"f{f}").write_text(f"{d}/{f}\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.sh(
+        f"cd {target} && for f in d0/f1 d1/f2 d2/f3; do echo more >> $f; done"
+        " && echo new > d3/tmp && mv d3/tmp d3/f4 && echo a > d0/new1 && echo b > d4/new2"
+    )
+    out = world.base / f"strace-{files}.txt"
+    lookups = "trace=newfstatat,statx,lstat,stat,fstat,getdents64,openat"
+    trace = ("strace", "-f", "-c", "-o", str(out), "-e", lookups)
+    world.asd("resync", check=True, prefix=trace)
+    # outside the namespace, the target's path shows the disk copy
+    assert (target / "d0" / "f1").read_text() == "0/1\nmore\n"
+    assert (target / "d3" / "f4").read_text() == "new\n"
+    assert (target / "d4" / "new2").read_text() == "b\n"
+    world.asd("unsync", check=True)
+    total = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)", out.read_text(), re.M)
+    assert total, out.read_text()
+    return int(total.group(1))
+
+
+def test_overlay_resync_never_visits_unchanged_files(overlay_world: World) -> None:
+    """Written-to lower files show two links through the overlay (the lower tree's): that
+    alone must not make a resync walk the merged view, nor may the stage take more than was
+    listed. The same six changes in a target eight times larger cost the same lookups, give
+    or take a few (a walk would add one per file: 3500)."""
+    small = resync_lookups(overlay_world, 500)
+    large = resync_lookups(overlay_world, 4000)
+    assert abs(large - small) < 50, (small, large)
+
+
+def test_resync_never_reads_unchanged_files_beside_a_new_one(world: World) -> None:
+    """A new file at the top of the target changes the target's own directory; writing that
+    directory back must not copy what else sits at the top (rsync copies a listed "." one
+    level deep). Any read of the unchanged file during the resync fails here, by injection."""
+    from asd.layout import Instance
+
+    target = world.target("flat")
+    (target / "big").write_bytes(b"x" * 2**20)
+    (target / "sub").mkdir()
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.sh(f"echo new > {target}/new && mkdir {target}/sub2")
+    big = Instance(world.conf, world.volatile).target(target).ram_copy / "big"
+    no_reads: tuple[str, ...] = (
+        "strace",
+        "-f",
+        "-o",
+        "/dev/null",
+        "-P",
+        str(big),
+        "-e",
+        "trace=read",
+    )
+    no_reads += ("-e", "inject=read:error=EIO")
+    done = world.asd("resync", prefix=no_reads)
+    assert done.returncode == 0, f"the resync read {big}:\n{done.stdout}{done.stderr}"
+    assert (target / "new").read_text() == "new\n" and (target / "sub2").is_dir()
+    view = inside_manifest(world, target)
+    assert manifest(target) == view

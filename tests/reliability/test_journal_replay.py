@@ -28,7 +28,7 @@ def test_replayed_record_keeps_type_changes(tmp_path: Path) -> None:
     (stage / "l").mkdir()
     (stage / "l" / "z").write_text("z\n")
     changes = Changes(("d", "f", "l"), ("d", "f/y", "l/z"), ("", "f", "l"))
-    journal.commit(changes)
+    journal.commit(changes, {"": dir_metadata(disk)})
     once = manifest(disk)
     assert (disk / "d").read_text() == "now a file\n" and (disk / "l" / "z").exists()
     # The crash: every rename done, the record not yet removed.
