@@ -46,21 +46,37 @@ def entry_of(st: os.stat_result) -> Entry:
 def walk(
     root: Path, exclude_top: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, os.stat_result]]:
-    """Every entry under ``root`` (not following symlinks, not crossing into other mounts)."""
+    """Every entry under ``root`` (not following symlinks, not crossing into other mounts).
+    Programs keep writing while asd walks: what vanishes on the way is what a walk a moment
+    later would not have seen (`GONE`)."""
     top = os.lstat(root)
     yield "", top
     stack: list[tuple[str, str]] = [("", os.fspath(root))]
     while stack:
         rel, path = stack.pop()
-        with os.scandir(path) as it:
-            for de in it:
-                if not rel and de.name in exclude_top:
-                    continue
-                sub = f"{rel}/{de.name}" if rel else de.name
+        for de in _entries(path):
+            if not rel and de.name in exclude_top:
+                continue
+            sub = f"{rel}/{de.name}" if rel else de.name
+            try:
                 st = de.stat(follow_symlinks=False)
-                yield sub, st
-                if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
-                    stack.append((sub, de.path))
+            except GONE:
+                continue
+            yield sub, st
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
+                stack.append((sub, de.path))
+
+
+GONE = (FileNotFoundError, NotADirectoryError)
+
+
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    """The entries of the directory ``path``; none if it is gone (or no longer a directory)."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except GONE:
+        return []
 
 
 def index(root: Path, exclude_top: frozenset[str] = frozenset()) -> Index:
@@ -74,28 +90,30 @@ def index(root: Path, exclude_top: frozenset[str] = frozenset()) -> Index:
     while stack:
         rel, path = stack.pop()
         prefix = f"{rel}/" if rel else ""
-        with os.scandir(path) as it:
-            for de in it:
-                name = de.name
-                if not rel and name in exclude_top:
-                    continue
+        for de in _entries(path):
+            name = de.name
+            if not rel and name in exclude_top:
+                continue
+            try:
                 st = de.stat(follow_symlinks=False)
-                mode = st.st_mode
-                sub = prefix + name
-                out[sub] = (
-                    mode & TYPE_BITS,
-                    st.st_ino,
-                    mode,
-                    st.st_uid,
-                    st.st_gid,
-                    st.st_size,
-                    st.st_mtime_ns,
-                    st.st_ctime_ns,
-                    st.st_nlink,
-                    st.st_rdev,
-                )
-                if isdir(mode) and st.st_dev == dev:
-                    stack.append((sub, de.path))
+            except GONE:
+                continue  # see `walk`
+            mode = st.st_mode
+            sub = prefix + name
+            out[sub] = (
+                mode & TYPE_BITS,
+                st.st_ino,
+                mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_nlink,
+                st.st_rdev,
+            )
+            if isdir(mode) and st.st_dev == dev:
+                stack.append((sub, de.path))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -97,3 +98,33 @@ def test_lower_tree_links_every_file_and_copies_directories(tmp_path: Path) -> N
     st = os.lstat(dst / "d")
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_mtime_ns == 1_500_000_000_123_456_789
     assert os.readlink(dst / "l") == "d/f"
+
+
+@pytest.mark.parametrize("how", ["index", "walk"])
+def test_a_walk_skips_what_vanishes_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Programs keep writing during a resync: a file deleted after its directory was listed,
+    and a directory deleted after it was seen but before it was read, are simply not there."""
+    from asd import tree
+
+    for d in ("a", "c"):
+        (tmp_path / d).mkdir()
+    for rel in ("a/x", "a/y", "c/z", "b"):
+        (tmp_path / rel).write_text(rel)
+    listed = tree._entries
+
+    def racing(path: str) -> list[os.DirEntry[str]]:
+        got = listed(path)
+        if path == str(tmp_path):
+            os.unlink(tmp_path / "b")
+            shutil.rmtree(tmp_path / "c")
+        elif path == str(tmp_path / "a"):
+            os.unlink(tmp_path / "a" / "x")
+        return got
+
+    monkeypatch.setattr(tree, "_entries", racing)
+    found = set(tree.index(tmp_path)) if how == "index" else {r for r, _ in tree.walk(tmp_path)}
+    assert found == {"", "a", "a/y"}
+    # and a directory gone (or become a file) by the time it is read has no entries
+    assert listed(str(tmp_path / "c")) == [] and listed(str(tmp_path / "a" / "y")) == []
