@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class AsdError(Exception):
     """A failure the user can act on; its message is a complete sentence."""
@@ -33,6 +35,15 @@ class CommandError(AsdError):
         if message is None:
             message = f"{argv[0]} exited with status {exit_code}: {summary(stderr)}"
         super().__init__(message)
+
+    def reworded(self, message: str) -> CommandError:
+        """The same failure, told in terms of the user's files: ``message``, then the tool's
+        first complaint (the cause) without the ``/proc/<pid>/fd/<n>`` names asd gave it."""
+        lines = self.stderr.strip().splitlines()
+        detail = re.sub(r"/proc/\d+/fd/\d+\s*:\s*", "", lines[0] if lines else str(self))
+        return CommandError(
+            self.argv, self.exit_code, self.stdout, self.stderr, f"{message}: {detail}"
+        )
 
     def showing(self, alias: str, path: str) -> CommandError:
         """The same error with ``alias`` (a ``/proc/self/fd/N`` name) shown as ``path``."""

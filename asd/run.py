@@ -28,6 +28,11 @@ class Result:
     stderr: str
 
 
+def fd_path(fd: int) -> str:
+    """A path another process can open to reach the very file ``fd`` refers to."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
 def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LC_")}
     env["LC_ALL"] = "C"

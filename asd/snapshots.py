@@ -9,7 +9,8 @@ directory recreates the target. Snapshots made by upstream asd (one top-level di
 The target's parent is usually writable by the target's owner while asd runs as root, so
 every name in it is resolved once, relative to a descriptor of that directory, and tar and
 zstd are handed ``/proc/<pid>/fd/<n>`` paths to files and directories asd already opened:
-swapping a name for a symlink between our check and their open changes nothing.
+swapping a name for a symlink between our check and their open changes nothing. Which
+members a snapshot may hold, and reading them, is `asd.archive`.
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ import os
 import re
 import shutil
 import stat
-import tarfile
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Literal
 
+from asd.archive import Member, check_members, open_snapshot, parts, read_members
 from asd.errors import CommandError, SafetyError
-from asd.run import run
+from asd.run import fd_path, run
 
 STAMP = "%Y%m%d_%H%M%S"
 SUFFIX = ".tar.zstd"
@@ -37,8 +35,6 @@ PARTIAL = ".partial"
 # tar options that carry everything a user would miss: numeric owners, every xattr namespace
 # (user.*, security.*, trusted.*), POSIX ACLs. xattrs and ACLs need the pax (posix) format.
 TAR_METADATA = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
-
-Kind = Literal["file", "dir", "symlink", "hardlink", "fifo", "chardev", "blockdev", "other"]
 
 
 @dataclass(frozen=True)
@@ -55,20 +51,6 @@ class Snapshot:
             "taken": self.taken.isoformat(),
             "size_bytes": self.size_bytes,
         }
-
-
-@dataclass(frozen=True)
-class Member:
-    """One entry of a snapshot, as stored (``name`` is raw, e.g. ``./a/b``)."""
-
-    name: str
-    kind: Kind
-    size: int = 0
-    link: str = ""
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,24 +172,12 @@ def _open_dir(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-def _fd_path(fd: int) -> str:
-    """A path another process can open to reach the very file ``fd`` refers to."""
-    return f"/proc/{os.getpid()}/fd/{fd}"
-
-
 def _lexists(name: str, dir_fd: int) -> bool:
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return True
-
-
-def _reworded(exc: CommandError, message: str) -> CommandError:
-    """The same failure, told in terms of the user's files (tar's first complaint is the cause)."""
-    lines = exc.stderr.strip().splitlines()
-    detail = re.sub(r"/proc/\d+/fd/\d+\s*:\s*", "", lines[0] if lines else str(exc))
-    return CommandError(exc.argv, exc.exit_code, exc.stdout, exc.stderr, f"{message}: {detail}")
 
 
 # --- create
@@ -253,9 +223,9 @@ def create(
         final, partial, fd = _claim(target, when, dfd)
         try:
             try:
-                run(tar_create_argv(_fd_path(fd), source, exclude))
+                run(tar_create_argv(fd_path(fd), source, exclude))
             except CommandError as exc:
-                raise _reworded(exc, f"Could not snapshot {source}; nothing was kept") from exc
+                raise exc.reworded(f"Could not snapshot {source}; nothing was kept") from exc
             os.fsync(fd)
             size = os.fstat(fd).st_size
             os.rename(partial, final, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -276,144 +246,6 @@ def create(
     return Snapshot(
         target.parent / final, target, datetime.strptime(f"{when:{STAMP}}", STAMP), size
     )
-
-
-# --- validate
-def _mtime_ns(info: tarfile.TarInfo) -> int:
-    try:
-        return int(Decimal(info.pax_headers["mtime"]) * 10**9)
-    except (KeyError, InvalidOperation):
-        return int(info.mtime) * 10**9
-
-
-_KINDS: dict[bytes, Kind] = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink"}
-_KINDS |= {tarfile.LNKTYPE: "hardlink", tarfile.FIFOTYPE: "fifo"}
-_KINDS |= {tarfile.CHRTYPE: "chardev", tarfile.BLKTYPE: "blockdev"}
-
-
-def member_from_tarinfo(info: tarfile.TarInfo) -> Member:
-    # isreg() covers every regular-file type tarfile knows: plain, old-style, contiguous, sparse.
-    kind = "file" if info.isreg() else _KINDS.get(info.type, "other")
-    m = Member(info.name, kind, info.size, info.linkname, info.mode, info.uid, info.gid)
-    return replace(m, mtime_ns=_mtime_ns(info))
-
-
-def parts(name: str) -> tuple[str, ...]:
-    """``./a//b/`` -> ``("a", "b")``; the archive root is ``()``."""
-    return tuple(p for p in name.split("/") if p not in ("", "."))
-
-
-def check_members(members: Iterable[Member], label: object = "the snapshot") -> list[Member]:
-    """Refuse, naming the first offender, anything that could write outside a fresh directory."""
-    checked: list[Member] = []
-    seen: dict[tuple[str, ...], Member] = {}
-    implied: set[tuple[str, ...]] = set()
-    root: tuple[str, ...] | None = None
-    for m in members:
-
-        def refuse(why: str, m: Member = m) -> SafetyError:
-            return SafetyError(f"Refusing {label}: member {m.name!r} {why}; nothing was changed.")
-
-        if "\0" in m.name or "\0" in m.link:
-            raise refuse("contains a NUL byte")
-        if m.name.startswith("/"):
-            raise refuse("has an absolute name")
-        p = parts(m.name)
-        if ".." in p:
-            raise refuse("has a '..' component")
-        if m.kind in ("chardev", "blockdev"):
-            raise refuse("is a device node")
-        if m.kind == "other":
-            raise refuse("is of a type asd does not restore")
-        if p in seen:
-            raise refuse("appears twice")
-        if m.kind != "dir" and p in implied:
-            raise refuse("is not a directory but comes after members inside it")
-        if root is None:
-            if m.kind != "dir" or len(p) > 1:
-                raise refuse("comes first but is not the snapshot's top directory ('./')")
-            root = p
-        elif p[: len(root)] != root:
-            raise refuse(f"is outside the snapshot's top directory {'/'.join(root)!r}")
-        for k in range(1, len(p)):
-            above = seen.get(p[:k])
-            if above is not None and above.kind == "symlink":
-                raise refuse(f"passes through the symbolic link {above.name!r}")
-            if above is not None and above.kind != "dir":
-                raise refuse(f"is inside {above.name!r}, which is not a directory")
-        if m.kind == "hardlink":
-            to = seen.get(parts(m.link))
-            if m.link.startswith("/") or to is None or to.kind != "file":
-                raise refuse(f"is a hard link to {m.link!r}, which is not an earlier regular file")
-        seen[p] = m
-        implied.update(p[:k] for k in range(1, len(p)))
-        checked.append(m)
-    if root is None:
-        raise SafetyError(f"Refusing {label}: it is empty; nothing was changed.")
-    return checked
-
-
-def _read_members(fd: int, label: Path) -> list[Member]:
-    """Stream the archive through ``zstd -d`` into tarfile; nothing is extracted."""
-    rfd, wfd = os.pipe()
-    failed: list[CommandError] = []
-
-    def decompress() -> None:
-        try:
-            # --no-sparse: zstd otherwise seeks in its output, which a pipe cannot do.
-            argv = ["zstd", "--decompress", "--quiet", "--force", "--no-sparse"]
-            run([*argv, "-o", _fd_path(wfd), _fd_path(fd)])
-        except CommandError as exc:
-            failed.append(exc)
-        finally:
-            os.close(wfd)  # only now, so zstd has certainly opened the pipe (or failed)
-
-    thread = threading.Thread(target=decompress, name="asd-zstd", daemon=True)
-    thread.start()
-    members: list[Member] = []
-    error: Exception | None = None
-    try:
-        with os.fdopen(rfd, "rb") as stream:
-            try:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    members = [member_from_tarinfo(info) for info in tar]
-            except (tarfile.TarError, EOFError, ValueError) as exc:  # ValueError: bad pax data
-                error = exc
-            # Read to the end so zstd exits on its own and its status means what it says.
-            while stream.read(1 << 16):
-                pass
-    finally:
-        thread.join()
-    if failed:
-        raise _reworded(
-            failed[0], f"Could not decompress {label}; it may be damaged, so try an older one"
-        )
-    if error is not None:
-        raise SafetyError(f"Refusing {label}: it is not a readable tar archive ({error}).")
-    return members
-
-
-def _open_snapshot(snapshot: Path) -> int:
-    try:
-        fd = os.open(snapshot, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SafetyError(
-            f"Cannot open the snapshot {snapshot}: {exc.strerror}; give the path of the "
-            "snapshot file itself (not a symbolic link to it)."
-        ) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SafetyError(f"{snapshot} is not a regular file, so it is not a snapshot.")
-    return fd
-
-
-def validate(snapshot: Path) -> list[Member]:
-    """The snapshot's members, or SafetyError naming the first one unsafe to extract."""
-    fd = _open_snapshot(snapshot)
-    try:
-        return check_members(_read_members(fd, snapshot), snapshot)
-    finally:
-        os.close(fd)
 
 
 # --- restore
@@ -488,9 +320,9 @@ def _extract(fd: int, target: Path, tfd: int, members: list[Member]) -> None:
     root = members[0]
     strip = len(parts(root.name))
     try:
-        run(tar_extract_argv(_fd_path(fd), _fd_path(tfd), strip))
+        run(tar_extract_argv(fd_path(fd), fd_path(tfd), strip))
     except CommandError as exc:
-        raise _reworded(exc, f"Could not extract the snapshot into {target}") from exc
+        raise exc.reworded(f"Could not extract the snapshot into {target}") from exc
     _verify(tfd, members, strip, target)
     # tar applied './' itself (mode, owner, ACL, xattrs, times), but skips the top directory it
     # strips from an upstream snapshot; so set owner, mode and mtime from the root entry here.
@@ -509,9 +341,9 @@ def restore(target: Path, snapshot: Path | None, *, now: datetime | None = None)
                 f"There is no snapshot of {target} in {target.parent}; nothing was restored."
             )
         snapshot = found[0].path
-    fd = _open_snapshot(snapshot)
+    fd = open_snapshot(snapshot)
     try:
-        members = check_members(_read_members(fd, snapshot), snapshot)
+        members = check_members(read_members(fd, snapshot), snapshot)
         with _open_dir(target.parent) as pfd:
             aside = _move_aside(target, now or datetime.now(), pfd)
             ours = False

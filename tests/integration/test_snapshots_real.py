@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from asd import snapshots
+from asd import archive, snapshots
 from asd.errors import CommandError, SafetyError
 from asd.run import Result
 from asd.run import run as real_run
@@ -227,7 +227,7 @@ def test_only_top_level_asd_work_is_left_out(target: Path, restored: Restored) -
     assert not (target / ".asd-work").exists()
     assert (target / ".asd-work-not-excluded").read_text() == "kept\n"
     assert (target / "sub" / ".asd-work").is_dir()
-    assert not any(".asd-work/" in m.name for m in snapshots.validate(restored.snapshot.path))
+    assert not any(".asd-work/" in m.name for m in archive.validate(restored.snapshot.path))
 
 
 def test_previous_contents_are_kept_beside_the_target(target: Path, restored: Restored) -> None:
@@ -274,8 +274,8 @@ def test_same_second_snapshots_do_not_overwrite_each_other(target: Path) -> None
     assert second.path.name == NAME.replace(".tar.zstd", "-1.tar.zstd")
     assert first.path.read_bytes() == first_bytes
     assert [s.path for s in snapshots.list_snapshots(target)] == [second.path, first.path]
-    assert "./new-file" in {m.name for m in snapshots.validate(second.path)}
-    assert "./new-file" not in {m.name for m in snapshots.validate(first.path)}
+    assert "./new-file" in {m.name for m in archive.validate(second.path)}
+    assert "./new-file" not in {m.name for m in archive.validate(first.path)}
 
 
 def test_source_may_be_another_path_than_the_target(target: Path, tmp_path: Path) -> None:
@@ -284,7 +284,7 @@ def test_source_may_be_another_path_than_the_target(target: Path, tmp_path: Path
     (other / "only-here").write_text("from the disk copy\n")
     snap = snapshots.create(target, other, now=T1)
     assert snap.path.parent == target.parent
-    assert [m.name for m in snapshots.validate(snap.path)] == [".", "./only-here"]
+    assert [m.name for m in archive.validate(snap.path)] == [".", "./only-here"]
 
 
 def test_crash_while_writing_leaves_a_partial_that_is_ignored_then_removed(target: Path) -> None:
@@ -498,7 +498,7 @@ def test_hostile_snapshot_is_refused_and_nothing_changes(
     entries, offender = hostile_cases(escape)[case]
     write_hostile(target.parent / NAME, entries)
     with pytest.raises(SafetyError, match="Refusing") as caught:
-        snapshots.validate(target.parent / NAME)
+        archive.validate(target.parent / NAME)
     assert f"member {offender!r}" in str(caught.value)
     error = unchanged_after(target, lambda: snapshots.restore(target, None, now=T2))
     assert f"member {offender!r}" in str(error)

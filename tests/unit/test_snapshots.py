@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from asd import snapshots
+from asd import archive, snapshots
+from asd.archive import Member, check_members
 from asd.errors import SafetyError
-from asd.snapshots import Member, RestoreResult, Snapshot, check_members
+from asd.snapshots import RestoreResult, Snapshot
 
 WHEN = datetime(2026, 12, 1, 10, 10, 10)
 NAME = ".bar-backup_asd-crashrecovery-{}.tar.zstd"
@@ -302,7 +303,7 @@ def test_empty_archive_is_refused() -> None:
 def test_tar_types_map_to_kinds(tartype: bytes, kind: str) -> None:
     info = tarfile.TarInfo("./x")
     info.type = tartype
-    assert snapshots.member_from_tarinfo(info).kind == kind
+    assert archive.member_from_tarinfo(info).kind == kind
 
 
 def test_member_keeps_owner_mode_link_and_nanosecond_mtime() -> None:
@@ -310,11 +311,11 @@ def test_member_keeps_owner_mode_link_and_nanosecond_mtime() -> None:
     info.type, info.linkname, info.uid, info.gid, info.mode = tarfile.SYMTYPE, "/etc", 7, 8, 0o777
     info.mtime = 1700000000
     info.pax_headers = {"mtime": "1700000000.123456789"}
-    assert snapshots.member_from_tarinfo(info) == Member(
+    assert archive.member_from_tarinfo(info) == Member(
         "./l", "symlink", 0, "/etc", 0o777, 7, 8, 1700000000123456789
     )
     info.pax_headers = {}
-    assert snapshots.member_from_tarinfo(info).mtime_ns == 1700000000 * 10**9
+    assert archive.member_from_tarinfo(info).mtime_ns == 1700000000 * 10**9
 
 
 # --- command lines ---------------------------------------------------------------------------
