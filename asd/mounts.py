@@ -160,7 +160,7 @@ class MountTable:
 
 
 def bind(source: Path | str, target: Path | str) -> list[str]:
-    # asd may pass /proc/<pid>/fd/<n> paths of directories it opened (see `sync.pinned`).
+    # asd may pass /proc/<pid>/fd/<n> paths of directories it opened (see `steps.pinned`).
     # No --no-canonicalize here: util-linux 2.41's fd-based mount (Debian trixie) refuses such
     # a magic link with it ("wrong fs type"); canonicalizing resolves the descriptor to the
     # pinned directory's current name, which narrows the swap race to that lookup.

@@ -15,7 +15,8 @@ from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
 from asd.mounts import MountTable, overlay, parse_mountinfo, umount, unescape
 from asd.state import RunState, StateStore, locked, write_json_atomic
-from asd.sync import Step, describe_plan, human, meminfo_available, plan_target
+from asd.steps import Step, plan_target
+from asd.sync import describe_plan, human, meminfo_available
 from asd.tree import Changes, diff, index, outside_links
 
 MOUNTINFO = (

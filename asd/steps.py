@@ -1,0 +1,211 @@
+"""The steps of a sync: a fixed plan per target, each step described, done and undone.
+
+`plan_target` is pure: (target, mode) -> steps. The engine (`asd.sync`) records each step in
+the run state before `perform` does it, so `undo` can later replay exactly what was done,
+backwards, checking the mount table and skipping what did not happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from asd import lower, mounts, rsync
+from asd.errors import SafetyError, StateError
+from asd.journal import dir_metadata, remove_tree, set_dir_metadata
+from asd.layout import WORK_NAME, TargetLayout
+from asd.mounts import MountTable
+from asd.recovery import clear_session, mark_session
+from asd.run import fd_path, run
+from asd.writeback import ram_index, save_index
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing sync does. ``kind`` picks the action and its undo; paths are plain strings."""
+
+    kind: str
+    target: str
+    path: str
+    source: str = ""
+
+    def describe(self) -> str:
+        return {
+            "recover": f"check {self.path} for an unclean stop; finish or discard an "
+            "interrupted resync; snapshot it if asd was not stopped cleanly",
+            "mark": f"write asd's session marker in {self.path}",
+            "mkdir": f"create directory {self.path}",
+            "bind-backup": f"bind-mount {self.source} at {self.path} (the disk copy), private",
+            "ram-dir": f"create the RAM directory {self.path} (root-only parents)",
+            "copy": f"copy {self.source} into RAM at {self.path}",
+            "lower": f"build overlay lower tree {self.path} (hard links to {self.source})",
+            "overlay": f"mount an overlay at {self.path} (lower {self.source}, upper in RAM)",
+            "index": f"record the state of {self.path} as the first sync point",
+            "bind-target": f"bind-mount the RAM copy {self.source} over {self.path}",
+        }[self.kind]
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "target": self.target, "path": self.path, "source": self.source}
+
+    @classmethod
+    def from_json(cls, d: dict[str, str]) -> Step:
+        return cls(d["kind"], d["target"], d["path"], d.get("source", ""))
+
+
+def plan_target(layout: TargetLayout, overlay: bool) -> list[Step]:
+    t = str(layout.target)
+    steps = [
+        Step("recover", t, t),
+        Step("mkdir", t, str(layout.backup), t),
+        Step("mark", t, t),
+        Step("bind-backup", t, str(layout.backup), t),
+    ]
+    if overlay:
+        steps += [
+            Step("lower", t, str(layout.lower), str(layout.backup)),
+            Step("ram-dir", t, str(layout.overlay_dir)),
+            Step("ram-dir", t, str(layout.ram_copy)),
+            Step("overlay", t, str(layout.ram_copy), str(layout.lower)),
+        ]
+    else:
+        steps += [
+            Step("ram-dir", t, str(layout.ram_copy)),
+            Step("copy", t, str(layout.ram_copy), str(layout.backup)),
+        ]
+    steps += [
+        Step("index", t, str(layout.ram_copy)),
+        Step("bind-target", t, t, str(layout.ram_copy)),
+    ]
+    return steps
+
+
+@contextlib.contextmanager
+def pinned(path: Path, *, ours: bool = False) -> Iterator[str]:
+    """A name for the very directory at ``path`` now, that no later rename or symlink swap
+    can redirect: ``/proc/<pid>/fd/<n>`` of an O_PATH descriptor opened without following a
+    symlink. The target's parent is often writable by its owner (a home directory), so any
+    name asd mounts on or from there could otherwise be swapped between check and mount.
+    ``ours``: the directory must also be the empty, root-owned mount point asd made."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise SafetyError(
+            f"{path} was replaced by a symlink or a file while asd was setting it up; asd "
+            "mounts nothing on or from it. Someone who can write to its parent did this: look "
+            "at it, and run asd again"
+        ) from exc
+    try:
+        if ours:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or os.listdir(f"/proc/self/fd/{fd}"):
+                raise SafetyError(
+                    f"{path} is no longer the empty mount point asd created (owner uid "
+                    f"{st.st_uid}); someone replaced it. asd mounts nothing on it: look at it, "
+                    "and run asd again"
+                )
+        yield fd_path(fd)
+    finally:
+        os.close(fd)
+
+
+def secure_ram_root(ram_root: Path) -> None:
+    """Create VOLATILE/asd-root race-free: a root-owned 0700 directory, never a symlink."""
+    pfd = os.open(ram_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(ram_root.name, 0o700, dir_fd=pfd)
+        st = os.stat(ram_root.name, dir_fd=pfd, follow_symlinks=False)
+    finally:
+        os.close(pfd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SafetyError(
+            f"{ram_root} already exists and is not a private directory of root "
+            f"(mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}); someone else may "
+            "have created it to read or redirect asd's RAM copies. Remove it (check who made "
+            "it) and try again"
+        )
+
+
+def refuse_leftover(step: Step) -> None:
+    """A step that creates a directory never reuses or deletes one already there."""
+    path = Path(step.path)
+    if step.kind in ("ram-dir", "lower", "mkdir") and os.path.lexists(path):
+        raise SafetyError(
+            f"{path} already exists, left by an earlier run of asd that was not cleaned "
+            "up; asd will neither use nor delete it. Look at what it holds, move it away, "
+            "and try again"
+        )
+
+
+def perform(step: Step, layout: TargetLayout) -> None:
+    """Do ``step`` (already recorded in the run state); "recover" is the engine's."""
+    path = Path(step.path)
+    if step.kind == "mark":
+        mark_session(path, {"instance": layout.instance.name, "pid": os.getpid()})
+    elif step.kind == "mkdir":
+        # The mount point carries the target's times (see `recover`): made under a
+        # temporary name, given the times, then renamed, so it never exists without them.
+        tmp = path.with_name(path.name + ".new")
+        tmp.mkdir(mode=0o755)
+        if step.source:
+            st = os.lstat(step.source)
+            # Through a descriptor: the parent may be writable by the target's owner.
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(fd)
+        os.rename(tmp, path)
+    elif step.kind == "bind-backup":
+        with pinned(Path(step.source)) as source, pinned(path, ours=True) as mount_point:
+            run(mounts.bind(source, mount_point))
+            # A mount point cannot be renamed (EBUSY): from here on its name is safe.
+        run(mounts.make_private(path))
+    elif step.kind == "ram-dir":
+        secure_ram_root(layout.instance.ram_root)
+        path.mkdir(mode=0o700, parents=True)
+    elif step.kind == "copy":
+        tty = sys.stdout.isatty()
+        argv = rsync.copy_tree(Path(step.source), path, exclude_top=(WORK_NAME,), progress=tty)
+        run(argv, show_output=tty)
+    elif step.kind == "lower":
+        lower.build(Path(step.source), path, frozenset({WORK_NAME}))
+    elif step.kind == "overlay":
+        layout.upper.mkdir(mode=0o700)
+        layout.overlay_work.mkdir(mode=0o700)
+        # The merged view's root takes the upper's owner, mode and xattrs: give it the target's.
+        set_dir_metadata(layout.upper, dir_metadata(Path(step.source)))
+        run(mounts.overlay(Path(step.source), layout.upper, layout.overlay_work, path))
+    elif step.kind == "index":
+        save_index(layout, ram_index(layout))
+    elif step.kind == "bind-target":
+        with pinned(Path(step.source)) as ram_copy, pinned(path) as served_at:
+            run(mounts.bind(ram_copy, served_at))
+        served, ram = os.stat(path), os.stat(step.source)
+        if (served.st_dev, served.st_ino) != (ram.st_dev, ram.st_ino):
+            raise StateError(f"{path} does not show the RAM copy after mounting it")
+
+
+def undo(step: Step, *, lazy: bool = False) -> None:
+    """Take back what `perform` did for ``step``; what did not happen is skipped."""
+    path = Path(step.path)
+    if step.kind in ("bind-backup", "overlay", "bind-target"):
+        if MountTable.read().is_mountpoint(path):
+            run(mounts.umount(path, lazy=lazy))
+    elif step.kind in ("ram-dir", "lower"):
+        remove_tree(path)
+    elif step.kind == "mkdir":
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(path)
+    elif step.kind == "mark":
+        clear_session(path)
+    elif step.kind == "copy":
+        remove_tree(path)
