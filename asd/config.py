@@ -5,6 +5,9 @@ lists over any number of lines, ``NAME+=( ... )``, and single, double or no quot
 bash's backslash rules. Whatever bash would expand or run (``$``, backticks, ``;``, pipes,
 redirections, wildcards in lists, any other command) is an error, so reading the file can
 never do anything. Every problem is collected and reported at once with its line.
+
+(One module of ~500 lines on purpose: the scanner, its message table and the settings
+table are one grammar; apart, each would reach into the others' internals.)
 """
 
 from __future__ import annotations
