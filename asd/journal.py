@@ -47,16 +47,20 @@ log = logging.getLogger(__name__)
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def fsync_path(path: Path) -> None:
+def _fsync(fd: int, shown: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
     except OSError as exc:
         # fsync is where a failing disk reports lost writes (EIO): say which file.
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise OSError(exc.errno, exc.strerror, str(shown)) from exc
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _fsync(fd, path)
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(root_fd: int, shown: Path) -> None:
@@ -73,16 +77,10 @@ def fsync_tree(root_fd: int, shown: Path) -> None:
                 raise named(exc, here / name) from exc
             try:
                 if stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.fsync(fd)
-            except OSError as exc:
-                # fsync is where a failing disk reports lost writes (EIO): say which file.
-                raise OSError(exc.errno, exc.strerror, str(here / name)) from exc
+                    _fsync(fd, here / name)
             finally:
                 os.close(fd)
-        try:
-            os.fsync(dir_fd)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(here)) from exc
+        _fsync(dir_fd, here)
 
 
 def remove_tree(path: Path) -> None:
