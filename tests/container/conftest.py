@@ -21,7 +21,7 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,61 +301,28 @@ class Container:
         sh(["docker", "start", self.id])
 
 
-def _container(
-    service: str, docker_services: object, command: str, files: list[str], project: str
-) -> Iterator[Container]:
-    argv = shlex.split(command) + [a for f in files for a in ("-f", f)]
-    argv += ["-p", project, "ps", "-q", service]
-    cid = sh(argv).stdout.strip()
-    assert cid, f"compose service {service} has no container"
-    box = Container(cid)
-    box.wait_booted()
-    yield box
+def _box(service: str) -> Callable[..., Iterator[Container]]:
+    """A module-scoped fixture ``<service>_box``: the booted container of that compose service."""
+
+    @pytest.fixture(scope="module", name=f"{service}_box")
+    def box(
+        docker_services: object,
+        docker_compose_command: str,
+        docker_compose_file: list[str],
+        docker_compose_project_name: str,
+    ) -> Iterator[Container]:
+        argv = shlex.split(docker_compose_command)
+        argv += [a for f in docker_compose_file for a in ("-f", f)]
+        argv += ["-p", docker_compose_project_name, "ps", "-q", service]
+        cid = sh(argv).stdout.strip()
+        assert cid, f"compose service {service} has no container"
+        container = Container(cid)
+        container.wait_booted()
+        yield container
+
+    return box
 
 
-@pytest.fixture(scope="module")
-def deb_box(
-    docker_services: object,
-    docker_compose_command: str,
-    docker_compose_file: list[str],
-    docker_compose_project_name: str,
-) -> Iterator[Container]:
-    yield from _container(
-        "deb",
-        docker_services,
-        docker_compose_command,
-        docker_compose_file,
-        docker_compose_project_name,
-    )
-
-
-@pytest.fixture(scope="module")
-def arch_box(
-    docker_services: object,
-    docker_compose_command: str,
-    docker_compose_file: list[str],
-    docker_compose_project_name: str,
-) -> Iterator[Container]:
-    yield from _container(
-        "arch",
-        docker_services,
-        docker_compose_command,
-        docker_compose_file,
-        docker_compose_project_name,
-    )
-
-
-@pytest.fixture(scope="module")
-def src_box(
-    docker_services: object,
-    docker_compose_command: str,
-    docker_compose_file: list[str],
-    docker_compose_project_name: str,
-) -> Iterator[Container]:
-    yield from _container(
-        "src",
-        docker_services,
-        docker_compose_command,
-        docker_compose_file,
-        docker_compose_project_name,
-    )
+deb_box = _box("deb")
+arch_box = _box("arch")
+src_box = _box("src")
