@@ -60,20 +60,24 @@ def remove_work(target: Path, times_from: Path | None = None) -> None:
     fsync_path(target)
 
 
-def clear_session(target: Path) -> None:
-    """A clean stop: finish a committed write-back if one is pending, then drop the journal."""
-    journal = Journal(target)
-    if os.path.lexists(journal.record):
-        journal.apply()
-    # The empty mount point beside the target (removed right after this) takes the target's
-    # times first: if a crash falls after the marker is gone but before the journal directory
-    # is, recovery restores the target's mtime from it — the last sync point's, not the
-    # session start's.
+def keep_times_beside(target: Path) -> None:
+    """Give the empty mount point beside the target (about to be removed) the target's times:
+    if a crash falls after the marker is gone but before the journal directory and the mount
+    point are, the next start restores the target's mtime from it — the last sync point's,
+    not the session start's."""
     backup = backup_path(target)
     if os.path.isdir(backup) and not os.path.islink(backup):
         st = os.lstat(target)
         os.utime(backup, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         fsync_path(backup.parent)
+
+
+def clear_session(target: Path) -> None:
+    """A clean stop: finish a committed write-back if one is pending, then drop the journal."""
+    journal = Journal(target)
+    if os.path.lexists(journal.record):
+        journal.apply()
+    keep_times_beside(target)
     remove_work(target)
 
 
@@ -108,6 +112,8 @@ def recover(
     # the target's last times: sync creates it with them (by rename, so it never exists
     # without), and a clean stop gives it the final times before removing the journal.
     early = not was_unclean(target) and os.path.isdir(layout.backup)
+    if not early:
+        keep_times_beside(target)  # the same as a clean stop, for a crash from here on
     stale = layout.backup.with_name(layout.backup.name + ".new")
     if os.path.isdir(stale) and not os.path.islink(stale):
         os.rmdir(stale)
