@@ -174,6 +174,25 @@ def test_second_crash_during_recovery(world: World) -> None:
     )
 
 
+def test_crash_after_recovery_dropped_the_journal(world: World) -> None:
+    """The one window the full run found: recovery after a power cut has removed the journal
+    directory (and with it the session marker) but not yet the empty mount point beside the
+    target; the next start must give the target its last sync point's times, not the
+    session start's the mount point was made with. Crash at recovery's second rmdir."""
+    target = fresh_target(world)
+    world.asd("sync", check=True)
+    world.sh(f"touch {target}/new-at-top && echo changed > {target}/docs/a.txt")
+    world.asd("resync", check=True)
+    synced = manifest(target)  # the target's own mtime moved with the new entry
+    world.power_cut()
+    world.boot()
+    crash_at(world, ("rmdir", 2), "sync")
+    world.power_cut()
+    backup = target.parent / ".t-backup_asd"
+    assert not (target / ".asd-work").exists() and backup.is_dir(), "not the window meant"
+    boot_and_recover(world, target, "recovery's second rmdir", [synced])
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
