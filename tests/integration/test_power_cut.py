@@ -141,7 +141,8 @@ def run_scenario(world: World, operation: tuple[str, ...], setup: Setup) -> int:
         return setup(world, target)
 
     fresh()
-    points = sample(count_points(world, *operation))
+    every = count_points(world, *operation)
+    points = sample(every)
     assert points, "no crash points found"
     for point in points:
         before, after = fresh()
@@ -165,6 +166,8 @@ def run_scenario(world: World, operation: tuple[str, ...], setup: Setup) -> int:
         world.asd("unsync", check=True)
         assert manifest(target) == on_disk
         no_litter(target)
+    mode = "overlay" if world.overlay else "copy"
+    print(f"power cut: {' '.join(operation)} ({mode}): {len(points)} of {len(every)} points passed")
     return len(points)
 
 
