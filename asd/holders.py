@@ -30,8 +30,28 @@ def _command(pid_dir: Path) -> str:
         return "?"
 
 
+def is_asd(pid_dir: Path) -> bool:
+    """Whether the process is an asd invocation (``asd …``, ``python3 /usr/bin/asd …`` or
+    ``python -m asd …``). Another asd running beside an unsync can only be one that takes no
+    lock — ``parse`` or ``--dry-run``, reading the targets for a moment — and holds nothing
+    that unmounting would cut off."""
+    try:
+        argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    names = [os.path.basename(a) for a in argv]
+    if names[0] == b"asd":
+        return True
+    if not names[0].startswith(b"python"):
+        return False
+    return names[1:2] == [b"asd"] or any(
+        a == b"-m" and b == b"asd" for a, b in zip(argv, argv[1:], strict=False)
+    )
+
+
 def holders(paths: list[Path], proc: Path = Path("/proc")) -> list[Holder]:
-    """One entry per process and path: open fds, cwd, root, exe and memory maps."""
+    """One entry per process and path: open fds, cwd, root, exe and memory maps (asd's own
+    processes left out: see `is_asd`)."""
     prefixes = tuple(os.path.normpath(str(p)) for p in paths)
     me = os.getpid()
     found: list[Holder] = []
@@ -39,6 +59,8 @@ def holders(paths: list[Path], proc: Path = Path("/proc")) -> list[Holder]:
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         pid_dir = Path(entry.path)
+        if is_asd(pid_dir):
+            continue
         seen: set[str] = set()
         links = ["cwd", "root", "exe"]
         with contextlib.suppress(OSError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from asd import rsync
-from asd.holders import holders
+from asd.holders import Holder, holders
 from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
 from asd.mounts import MountTable, overlay, parse_mountinfo, umount, unescape
@@ -218,6 +218,28 @@ def test_holders_reads_a_proc_tree(tmp_path: Path) -> None:
     assert all(h.pid == 4242 and h.command == "firefox" for h in found)
     assert "pid 4242 (firefox)" in found[0].describe()
     assert holders([Path("/home/a/.cach")], proc=proc) == []
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "skipped"),
+    [
+        (b"/usr/bin/python3\0/usr/bin/asd\0parse\0", True),
+        (b"/usr/local/bin/asd\0parse\0", True),
+        (b"python3\0-m\0asd\0-c\0/etc/asd.conf\0parse\0", True),
+        (b"python3\0/home/u/asd-notes.py\0", False),
+        (b"vim\0asd\0", False),  # a file named asd opened in an editor is not asd
+    ],
+)
+def test_holders_leave_out_asd_itself(tmp_path: Path, cmdline: bytes, skipped: bool) -> None:
+    """A concurrent `asd parse` walking a target must not make unsync refuse."""
+    proc = tmp_path / "proc"
+    p = proc / "4343"
+    (p / "fd").mkdir(parents=True)
+    (p / "comm").write_text("python3\n")
+    (p / "cmdline").write_bytes(cmdline)
+    os.symlink("/home/a/.cache/deep", p / "fd" / "3")
+    found = holders([Path("/home/a/.cache")], proc=proc)
+    assert found == ([] if skipped else [Holder(4343, "python3", "/home/a/.cache/deep")])
 
 
 def test_sizes_and_memory(tmp_path: Path) -> None:
