@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-from asd.journal import dir_metadata, set_dir_metadata
+from asd.dirmeta import dir_metadata, set_dir_metadata
 
 
 def build(src: Path, dst: Path, exclude_top: frozenset[str] = frozenset()) -> int:

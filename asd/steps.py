@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import lower, mounts, rsync
+from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import SafetyError, StateError
-from asd.journal import dir_metadata, remove_tree, set_dir_metadata
+from asd.journal import remove_tree
 from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session

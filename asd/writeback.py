@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import index, rsync, upper
+from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
-from asd.journal import Journal, dir_metadata
+from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
 from asd.run import run
 from asd.tree import Changes, Index, diff, parent_of, with_links

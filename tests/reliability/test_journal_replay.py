@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from asd.journal import Journal, dir_metadata
+from asd.dirmeta import dir_metadata
+from asd.journal import Journal
 from asd.state import write_json_atomic
 from asd.tree import Changes
 from tests.integration.manifest import manifest

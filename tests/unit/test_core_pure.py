@@ -153,7 +153,7 @@ def test_journal_roll_forward_is_idempotent(tmp_path: Path) -> None:
     os.utime(stage / "sub", ns=(0, 123_000_000_000))
     changes = Changes(deleted=("old",), files=("sub/f", "sub/n"), dirs=("sub",))
     # Commit but "crash" before applying: write the record the way commit() does.
-    from asd.journal import dir_metadata
+    from asd.dirmeta import dir_metadata
 
     meta = {"sub": dir_metadata(stage / "sub")}
     write_json_atomic(j.record, {"deleted": ["old"], "dirs": meta, "files": list(changes.files)})
