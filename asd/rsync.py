@@ -17,6 +17,8 @@ from pathlib import Path
 
 BASE_FLAGS = ("-aHAXS", "--numeric-ids", "--modify-window=-1")
 VANISHED = 24  # "some files vanished before they could be transferred": a browser pruning its cache
+PARTIAL = 23  # "some files/attrs were not transferred": any error on some file, vanished or not
+_GONE = "No such file or directory (2)"
 
 
 def copy_tree(
@@ -48,3 +50,24 @@ def copy_listed(src: Path, dst: Path, list_file: Path) -> list[str]:
 
 def ok_codes(*, allow_vanished: bool) -> tuple[int, ...]:
     return (0, VANISHED) if allow_vanished else (0,)
+
+
+def only_vanished(exit_code: int | None, stderr: str) -> bool:
+    """Whether a failed rsync only found files gone that it had already listed.
+
+    A file deleted after rsync's lstat but before it reads the file's ACL or xattrs is
+    reported as that read failing with ENOENT and exit 23, not as vanished (24); rsync then
+    leaves the file out. Any other complaint (EIO, EACCES, a full disk, an error on the
+    receiving side) is a real failure.
+    """
+    if exit_code != PARTIAL:
+        return False
+    gone = False
+    for line in stderr.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("file has vanished: ", "rsync error: ")):
+            continue
+        if not (line.startswith("rsync: [sender] ") and line.endswith(_GONE)):
+            return False
+        gone = True
+    return gone

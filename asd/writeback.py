@@ -142,16 +142,19 @@ def resync_target(layout: TargetLayout) -> WriteBack:
                     pass_fds=(stage,),
                 )
             except CommandError as exc:
-                raise exc.showing(alias, str(journal.stage)) from None
+                if not rsync.only_vanished(exc.exit_code, exc.stderr):
+                    raise exc.showing(alias, str(journal.stage)) from None
+                log.debug("rsync: %s", exc.stderr.strip())  # counted as vanished below
             # Durable before the commit record names them; the journal's fsync of each
             # staged file then finds nothing left to write.
             syncfs(stage, journal.stage)
             vanished = tuple(r for r in listed if not journal.staged(stage, r))
         deleted = list(changes.deleted)
         for rel in vanished:
-            # Gone from RAM between the walk and the copy: remove it on disk if it was there,
+            # Gone from RAM between the walk and the copy: remove it on disk if it was there
+            # (in the last sync point's index, or, in overlay mode, only in the lower layer),
             # and forget it, so that if it comes back the next resync copies it.
-            if rel in old:
+            if rel in old or os.path.lexists(layout.backup / rel):
                 deleted.append(rel)
         gone = set(vanished)
         _without(new, gone)

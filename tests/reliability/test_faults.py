@@ -136,6 +136,38 @@ def test_rsync_cannot_read_one_ram_file(synced: Synced, fault: str) -> None:
     )
 
 
+def acl_read_fails(world: World, fault: str) -> dict[str, str]:
+    """rsync's sender gets ``fault`` reading the ACL of docs/a.txt (after listing it): what
+    a file deleted in between looks like, when ``fault`` is ENOENT."""
+    inject = "exec strace -f -o /dev/null -P docs/a.txt -e trace=getxattr "
+    inject += f'-e inject=getxattr:error={fault} {real("rsync")} "$@"'
+    return tools(world, wrap={"rsync": inject})
+
+
+def test_a_file_gone_before_rsync_reads_its_acl(synced: Synced) -> None:
+    """Seen under churn (a browser pruning its cache): rsync says exit 23, not 24. The resync
+    writes everything else and takes the file as gone, as it was at that moment: the disk
+    copy is a state the target passed through (what the churn test checks) — not the file's
+    older version, and not the file written without its ACL. The next resync catches up."""
+    proc = synced.world.asd("resync", env=acl_read_fails(synced.world, "ENOENT"))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 vanished while copying" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    disk = synced.disk()
+    assert "docs/a.txt" not in disk
+    rest = {k: v for k, v in disk.items() if k != "docs/a.txt"}
+    assert rest == {k: v for k, v in synced.ram_before.items() if k != "docs/a.txt"}
+    assert synced.ram() == synced.ram_before
+    synced.recovers()
+    record("faults", f"a file gone before rsync reads its ACL ({mode(synced.world)})", "passed")
+
+
+def test_eio_reading_a_ram_files_acl_is_no_vanish(synced: Synced) -> None:
+    proc = synced.world.asd("resync", env=acl_read_fails(synced.world, "EIO"))
+    synced.failed_cleanly(proc, "docs/a.txt", "Input/output error")
+    synced.recovers()
+    record("faults", f"EIO reading one RAM file's ACL ({mode(synced.world)})", "passed")
+
+
 def test_eio_from_fsync_of_a_staged_file(synced: Synced) -> None:
     """The disk reports lost writes at fsync (how write-back errors reach programs)."""
     staged = synced.layout.stage / "docs" / "a.txt"

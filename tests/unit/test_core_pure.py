@@ -53,6 +53,24 @@ def test_command_lines_are_data() -> None:
     assert "--link-dest=/d" in rsync.link_tree(Path("/d"), Path("/l"))
     assert rsync.ok_codes(allow_vanished=True) == (0, 24)
     assert rsync.ok_codes(allow_vanished=False) == (0,)
+
+
+SUMMARY_23 = "rsync error: some files/attrs were not transferred (see previous errors) (code 23)"
+
+
+def test_rsync_failing_only_on_files_gone_since_its_listing() -> None:
+    acl = "rsync: [sender] get_acl: sys_acl_get_file(d/f, ACL_TYPE_ACCESS): "
+    xattr = 'rsync: [sender] get_xattr_names: llistxattr("/r/d/g",1024) failed: '
+    gone = f"{acl}No such file or directory (2)\n{xattr}No such file or directory (2)\n"
+    assert rsync.only_vanished(23, gone + SUMMARY_23 + "\n")
+    assert rsync.only_vanished(23, 'file has vanished: "/r/x"\n' + gone + SUMMARY_23)
+    assert not rsync.only_vanished(24, gone), "24 is accepted by its exit code, not here"
+    assert not rsync.only_vanished(23, SUMMARY_23), "no file named as gone"
+    assert not rsync.only_vanished(23, f"{acl}Input/output error (5)\n{SUMMARY_23}")
+    assert not rsync.only_vanished(23, f"{gone}{acl}Permission denied (13)\n{SUMMARY_23}")
+    receiver = 'rsync: [receiver] mkstemp "/s/d/.f.XYZ" failed: No such file or directory (2)'
+    assert not rsync.only_vanished(23, f"{receiver}\n{SUMMARY_23}"), "the stage's side"
+    assert not rsync.only_vanished(11, gone)
     assert umount(Path("/x")) == ["umount", "/x"]
     assert umount(Path("/x"), lazy=True) == ["umount", "-l", "/x"]
     opts = overlay(Path("/lo"), Path("/up"), Path("/wo"), Path("/m"))[4]
