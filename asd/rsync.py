@@ -21,22 +21,6 @@ PARTIAL = 23  # "some files/attrs were not transferred": any error on some file,
 _GONE = "No such file or directory (2)"
 
 
-def copy_tree(
-    src: Path, dst: Path, *, exclude_top: tuple[str, ...] = (), progress: bool = False
-) -> list[str]:
-    """Copy the contents of ``src`` into ``dst`` (``dst`` takes ``src``'s own attributes)."""
-    argv = ["rsync", *BASE_FLAGS, *(["--info=progress2"] if progress else [])]
-    argv += [f"--exclude=/{name}" for name in exclude_top]
-    return [*argv, f"{src}/", f"{dst}/"]
-
-
-def link_tree(src: Path, dst: Path, *, exclude_top: tuple[str, ...] = ()) -> list[str]:
-    """A tree at ``dst`` whose regular files are hard links to ``src``'s (no data copied)."""
-    argv = ["rsync", *BASE_FLAGS, f"--link-dest={src}"]
-    argv += [f"--exclude=/{name}" for name in exclude_top]
-    return [*argv, f"{src}/", f"{dst}/"]
-
-
 def copy_listed(src: Path, dst: Path, list_file: Path) -> list[str]:
     """Copy exactly the NUL-separated relative paths in ``list_file`` (no recursion).
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import lower, mounts, rsync
+from asd import cp, lower, mounts, progress, tree
 from asd.dirmeta import dir_metadata, set_dir_metadata
-from asd.errors import SafetyError, StateError
+from asd.errors import CommandError, SafetyError, StateError
 from asd.journal import remove_tree
 from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
@@ -174,9 +174,7 @@ def perform(step: Step, layout: TargetLayout) -> None:
         secure_ram_root(layout.instance.ram_root)
         path.mkdir(mode=0o700, parents=True)
     elif step.kind == "copy":
-        tty = sys.stdout.isatty()
-        argv = rsync.copy_tree(Path(step.source), path, exclude_top=(WORK_NAME,), progress=tty)
-        run(argv, show_output=tty)
+        copy_in(Path(step.source), path, layout.target)
     elif step.kind == "lower":
         lower.build(Path(step.source), path, frozenset({WORK_NAME}))
     elif step.kind == "overlay":
@@ -193,6 +191,24 @@ def perform(step: Step, layout: TargetLayout) -> None:
         served, ram = os.stat(path), os.stat(step.source)
         if (served.st_dev, served.st_ino) != (ram.st_dev, ram.st_ino):
             raise StateError(f"{path} does not show the RAM copy after mounting it")
+
+
+def copy_in(source: Path, ram_copy: Path, target: Path) -> None:
+    """Copy the disk copy into RAM, all but asd's own ``.asd-work`` (the session marker)."""
+    argv = cp.copy_tree(source, ram_copy)
+    try:
+        if sys.stdout.isatty():
+            total = tree.disk_usage(source, frozenset({WORK_NAME}))
+            with progress.copying(target, ram_copy, total):
+                run(argv)
+        else:
+            run(argv)
+    except CommandError as exc:
+        raise exc.reworded(f"Could not copy {target} into RAM at {ram_copy}") from None
+    # cp cannot leave it out: remove the copy, and give the directory back the times cp set.
+    st = os.lstat(ram_copy)
+    remove_tree(ram_copy / WORK_NAME)
+    os.utime(ram_copy, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def undo(step: Step, *, lazy: bool = False) -> None:

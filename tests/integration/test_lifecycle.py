@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -249,6 +251,28 @@ def test_config_edits_apply_at_next_start_and_asdconf_picks_the_config(world: Wo
     world.asd("unsync", check=True)
     world.asd("sync", check=True)
     assert world.mounted_at(second) == 1 and world.mounted_at(first) == 0
+
+
+def test_the_copy_into_ram_shows_progress_on_a_terminal_only(copy_world: World) -> None:
+    world = copy_world
+    target = world.target("t")
+    populate(target)
+    (target / "big").write_bytes(os.urandom(3 << 20))
+    world.write_conf(target)
+    before = manifest(target)
+    argv = [sys.executable, "-m", "asd", "-c", str(world.conf), "sync"]
+    on_tty = world.run(["script", "-qefc", shlex.join(argv), "/dev/null"], check=True)
+    done = re.findall(
+        rf"{re.escape(str(target))}: (\S+ \S+) of (\S+ \S+) copied \((\d+) %\)", on_tty.stdout
+    )
+    assert done, f"no progress line on a terminal: {on_tty.stdout!r}"
+    assert done[-1][0] == done[-1][1] and done[-1][2] == "100", done
+    assert done[-1][1].endswith("MiB") and float(done[-1][1].split()[0]) >= 3.0, done
+    assert inside_manifest(world, target) == before
+    world.asd("unsync", check=True)
+    piped = world.asd("sync", check=True)
+    assert "copied (" not in piped.stdout + piped.stderr, "progress under a pipe (systemd)"
+    assert inside_manifest(world, target) == before
 
 
 def test_empty_whattosync_is_a_quiet_no_op(copy_world: World) -> None:

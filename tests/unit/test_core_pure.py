@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asd import rsync
+from asd import cp, rsync
 from asd.holders import Holder, holders
 from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
@@ -43,14 +43,14 @@ def test_mountinfo_octal_escapes_and_lookup() -> None:
 
 
 def test_command_lines_are_data() -> None:
-    assert rsync.copy_tree(Path("/a"), Path("/b"), exclude_top=(".asd-work",)) == [
-        "rsync", "-aHAXS", "--numeric-ids", "--modify-window=-1",
-        "--exclude=/.asd-work", "/a/", "/b/",
+    assert cp.copy_tree(Path("/a"), Path("/b")) == [
+        "cp", "--no-dereference", "--recursive",
+        "--preserve=mode,ownership,timestamps,links,xattr", "--sparse=auto",
+        "--no-target-directory", "--", "/a", "/b",
     ]  # fmt: skip
     listed = rsync.copy_listed(Path("/r"), Path("/s"), Path("/l"))
     assert listed[-3:] == ["--files-from=/l", "/r/", "/s/"] and "--from0" in listed
     assert "--ignore-missing-args" in listed  # a name that vanished since the walk is no error
-    assert "--link-dest=/d" in rsync.link_tree(Path("/d"), Path("/l"))
     assert rsync.ok_codes(allow_vanished=True) == (0, 24)
     assert rsync.ok_codes(allow_vanished=False) == (0,)
 
@@ -291,3 +291,27 @@ def test_a_stage_is_reached_through_its_descriptor(tmp_path: Path) -> None:
         assert j.staged(fd, "d/f") and j.staged(fd, "l") and not j.staged(fd, "l/passwd")
         assert not j.staged(fd, "gone")
     assert stat.S_IMODE(os.lstat(j.stage).st_mode) == 0o700
+
+
+def test_progress_counts_what_reached_the_destination(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import io
+    import time
+
+    from asd import progress
+
+    assert progress.line(Path("/t"), 512, 2048) == "\r/t: 512 B of 2.0 KiB copied (25 %)"
+    assert progress.line(Path("/t"), -5, 10).endswith("0 B of 10 B copied (0 %)")
+    assert progress.line(Path("/t"), 99, 10).endswith("(100 %)"), "other writers to VOLATILE"
+    assert progress.line(Path("/t"), 0, 0).endswith("(100 %)"), "an empty target"
+    used = iter([1000, *range(1000, 1000 + 2048 * 50, 2048)])
+    monkeypatch.setattr(progress, "used_bytes", lambda _path: next(used))
+    monkeypatch.setattr(progress, "INTERVAL", 0.01)
+    out = io.StringIO()
+    with progress.copying(Path("/t"), tmp_path, 8192, out=out):
+        time.sleep(0.2)
+    shown = out.getvalue().split("\r")[1:]
+    assert shown[0] == "/t: 0 B of 8.0 KiB copied (0 %)"
+    assert "/t: 2.0 KiB of 8.0 KiB copied (25 %)" in shown, shown
+    assert shown[-1] == "/t: 8.0 KiB of 8.0 KiB copied (100 %)\n"

@@ -1,0 +1,35 @@
+"""cp command lines, as data: the initial copy of a target into RAM.
+
+Why cp and not rsync for this one copy: into an empty tmpfs there is nothing to compare, and
+GNU cp moves each file's data inside the kernel (copy_file_range) in one process, where
+rsync pipes every byte from its sender to its receiver and, with -S, scans it for zeros.
+On large files cp is about three times as fast (bench/RESULTS.md). Resyncs stay with rsync.
+
+Flags, and why:
+  --no-dereference --recursive   symlinks stay symlinks; devices, fifos, sockets are made
+  --preserve=mode,ownership,timestamps,links,xattr
+                permissions and POSIX ACLs, owner and group by number, times to the
+                nanosecond, hard links within the tree, extended attributes. Named one by
+                one, not `-a`: `-a` does not fail when an xattr cannot be set; this does
+  --sparse=auto a sparse file stays sparse (its holes are found, not its zeros)
+  --no-target-directory   copy ``src``'s contents into the existing ``dst``, which takes
+                ``src``'s own attributes
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FLAGS = (
+    "--no-dereference",
+    "--recursive",
+    "--preserve=mode,ownership,timestamps,links,xattr",
+    "--sparse=auto",
+    "--no-target-directory",
+)
+
+
+def copy_tree(src: Path, dst: Path) -> list[str]:
+    """Copy all of ``src`` into the existing directory ``dst`` (cp has no exclude: the caller
+    removes from ``dst`` what it did not want)."""
+    return ["cp", *FLAGS, "--", str(src), str(dst)]
