@@ -12,12 +12,12 @@ from typing import Any
 
 from asd import snapshots, tree
 from asd.config import Config
+from asd.disks import human_size
 from asd.errors import CommandError
 from asd.layout import WORK_NAME, Instance
 from asd.mounts import MountTable
 from asd.run import run
 from asd.state import RunState
-from asd.sync import human
 
 
 def _name(lookup: Any, ident: int) -> str:
@@ -163,7 +163,7 @@ def render_text(doc: dict[str, Any]) -> str:
     if doc["systemd"]:
         lines.append("  systemd: " + ", ".join(f"{u} {s}" for u, s in doc["systemd"].items()))
     vol = doc["volatile"]
-    free = human(vol["free_bytes"]) + " free" if "free_bytes" in vol else vol.get("error", "")
+    free = human_size(vol["free_bytes"]) + " free" if "free_bytes" in vol else vol.get("error", "")
     lines.append(f"  VOLATILE: {vol['path']} ({vol.get('fstype', '?')}, {free})")
     if vol.get("judgement"):
         lines.append(f"            {vol['judgement']}")
@@ -178,16 +178,16 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  disk copy:  {t['backup']}")
         lines.append(f"  RAM copy:   {t['ram_copy']}")
         if t["size_bytes"] is not None:
-            lines.append(f"  size:       {human(t['size_bytes'])}")
+            lines.append(f"  size:       {human_size(t['size_bytes'])}")
         if t["overlay_upper_bytes"] is not None:
-            lines.append(f"  overlay upper size: {human(t['overlay_upper_bytes'])}")
+            lines.append(f"  overlay upper size: {human_size(t['overlay_upper_bytes'])}")
         if t["waits_for"]:
             lines.append(f"  waits for:  {t['waits_for']}")
         if t["device_summary"]:
             lines.append(f"  device:     {t['device_summary']}")
             lines.append(f"              {t['judgement']}")
         for s in t["snapshots"]:
-            lines.append(f"  snapshot:   {s['path']} ({human(s['size_bytes'])})")
+            lines.append(f"  snapshot:   {s['path']} ({human_size(s['size_bytes'])})")
         for w in t["warnings"]:
             if w != t["judgement"]:
                 lines.append(f"  warning:    {w}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from asd import devices, steps, tree
 from asd.config import Config
+from asd.disks import human_size
 from asd.errors import SafetyError, StateError
 from asd.holders import Holder, holders
 from asd.layout import WORK_NAME, Instance, TargetLayout
@@ -97,12 +98,13 @@ class Engine:
         for warning in devices.sync_warnings(list(need.items()), self.config.volatile, budget):
             self.warn(warning)
         if total > free or (available is not None and total > available):
-            sizes = ", ".join(f"{p} {human(n)}" for p, n in need.items())
+            sizes = ", ".join(f"{p} {human_size(n)}" for p, n in need.items())
+            memory = human_size(available or 0)
             raise SafetyError(
-                f"the targets need {human(total)} of RAM ({sizes}) but {self.config.volatile} "
-                f"has {human(free)} free and the system has {human(available or 0)} of memory "
-                "available; nothing was copied. Make VOLATILE larger, free memory, or sync "
-                "fewer targets"
+                f"the targets need {human_size(total)} of RAM ({sizes}) but "
+                f"{self.config.volatile} has {human_size(free)} free and the system has {memory} "
+                "of memory available; nothing was copied. Make VOLATILE larger, free memory, or "
+                "sync fewer targets"
             )
 
     def hardlinks(self, layout: TargetLayout) -> None:
@@ -271,14 +273,6 @@ def meminfo_available(path: str = "/proc/meminfo") -> int | None:
     except OSError:
         return None
     return None
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def describe_plan(config: Config, instance: Instance) -> Iterable[str]:

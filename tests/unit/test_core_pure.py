@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from asd import cp, rsync
+from asd.disks import human_size
 from asd.holders import Holder, holders
 from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
 from asd.mounts import MountTable, overlay, parse_mountinfo, umount, unescape
 from asd.state import RunState, StateStore, locked, write_json_atomic
 from asd.steps import Step, plan_target
-from asd.sync import describe_plan, human, meminfo_available
+from asd.sync import describe_plan, meminfo_available
 from asd.tree import Changes, diff, index, outside_links
 
 MOUNTINFO = (
@@ -261,7 +262,7 @@ def test_holders_leave_out_asd_itself(tmp_path: Path, cmdline: bytes, skipped: b
 
 
 def test_sizes_and_memory(tmp_path: Path) -> None:
-    assert human(512) == "512 B" and human(3 * 1024 * 1024) == "3.0 MiB"
+    assert human_size(512) == "512 B" and human_size(3 * 1024 * 1024) == "3.0 MiB"
     (tmp_path / "m").write_text("MemTotal: 10 kB\nMemAvailable:   2048 kB\n")
     assert meminfo_available(str(tmp_path / "m")) == 2 * 1024 * 1024
     assert meminfo_available(str(tmp_path / "none")) is None
