@@ -21,6 +21,7 @@ bind, overlay) is the pure `asd.stack`; `UdevSource` here is its `BlockSource` o
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -153,8 +154,15 @@ def _unknown(reason: str) -> PathDevice:
 
 
 def _source(context: pyudev.Context | None) -> BlockSource | str:
+    return _default_source() if context is None else UdevSource(context)
+
+
+@functools.cache
+def _default_source() -> BlockSource | str:
+    """One for the process: each pyudev.Context loads libudev again (`asd parse` asks for ten
+    targets and VOLATILE)."""
     try:
-        return UdevSource(context)
+        return UdevSource()
     except ImportError as exc:  # pyudev raises it when libudev cannot be loaded
         return f"libudev is not available: {exc}"
 
