@@ -1,57 +1,78 @@
-"""Progress of a long copy on a terminal: how much has reached the destination's file system.
+"""Progress of a long copy or snapshot on a terminal: how much the tool doing it has read.
 
-The copy runs as one command; a thread beside it reads the destination file system's used
-space (``statvfs``) twice a second and rewrites one line. Under systemd (no terminal) it is
-never started: the journal gets the plain log lines.
+The work runs as one command (cp, tar); `asd.run` hands its pid to `watching`, whose thread
+reads the process's own I/O counter (``rchar`` in ``/proc/<pid>/io``: bytes it read or copied)
+twice a second and rewrites one line against the total asd measured beforehand. Under
+systemd (no terminal) it is never started: the journal gets the plain log lines.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 from asd.disks import human_size
+from asd.run import Watch
 
 INTERVAL = 0.5
 
 
-def used_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+def read_by(pid: int) -> int:
+    """Bytes process ``pid`` has read so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            for row in f:
+                if row.startswith(b"rchar:"):
+                    return int(row.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
-def line(name: Path, done: int, total: int) -> str:
+def line(name: Path, what: str, done: int, total: int) -> str:
     done = max(0, min(done, total))
     share = 100 * done // total if total else 100
-    return f"\r{name}: {human_size(done)} of {human_size(total)} copied ({share} %)"
+    return f"\r{name}: {human_size(done)} of {human_size(total)} {what} ({share} %)"
 
 
-@contextlib.contextmanager
-def copying(name: Path, dst: Path, total: int, out: TextIO = sys.stdout) -> Iterator[None]:
-    """Show, while the body runs, the bytes of ``total`` that reached ``dst``'s file system."""
-    start = used_bytes(dst)
-    stop = threading.Event()
+def watching(name: Path, what: str, total: int, out: TextIO = sys.stdout) -> Watch:
+    """For `asd.run`'s ``watch``: while the command ``pid`` runs, show how much of ``total``
+    bytes it has read, as "<name>: 3.1 MiB of 12.0 MiB <what> (25 %)"."""
 
-    def show() -> None:
-        out.write(line(name, used_bytes(dst) - start, total))
-        out.flush()
+    @contextlib.contextmanager
+    def shown(pid: int) -> Iterator[None]:
+        stop = threading.Event()
 
-    def tick() -> None:
-        while not stop.wait(INTERVAL):
-            show()
+        def show(done: int) -> None:
+            out.write(line(name, what, done, total))
+            out.flush()
 
-    show()
-    thread = threading.Thread(target=tick, name="asd-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
+        def tick() -> None:
+            while not stop.wait(INTERVAL):
+                show(read_by(pid))
+
+        show(0)
+        thread = threading.Thread(target=tick, name="asd-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            thread.join()
+            out.write("\n")  # what went wrong starts a line of its own
+            raise
         stop.set()
         thread.join()
-    out.write(line(name, total, total) + "\n")
-    out.flush()
+        out.write(line(name, what, total, total) + "\n")
+        out.flush()
+
+    return shown
+
+
+def on_terminal(name: Path, what: str, total: Callable[[], int]) -> Watch | None:
+    """`watching`, when standard output is a terminal (the total is measured only then)."""
+    return watching(name, what, total()) if sys.stdout.isatty() else None

@@ -11,13 +11,17 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from asd.errors import CommandError
 
 log = logging.getLogger(__name__)
+
+# Entered with a running command's pid, left when it ends (`asd.progress.watching`).
+Watch = Callable[[int], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,14 @@ def run(
     cwd: str | None = None,
     show_output: bool = False,
     pass_fds: Collection[int] = (),
+    watch: Watch | None = None,
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 
     ``show_output`` passes the command's standard output straight to ours (progress lines on a
     terminal); it is then not captured. ``pass_fds``: descriptors the command inherits, under
-    the same numbers (for ``/proc/self/fd/N`` paths); every other one is closed.
+    the same numbers (for ``/proc/self/fd/N`` paths); every other one is closed. ``watch``:
+    entered with the command's pid while it runs (progress on a terminal, `asd.progress`).
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -83,7 +89,12 @@ def run(
     for fd in pass_fds:
         os.set_inheritable(fd, True)  # sh keeps them open, but exec would close a CLOEXEC one
     try:
-        proc = program(*argv[1:], **options)
+        if watch is None:
+            proc = program(*argv[1:], **options)
+        else:
+            proc = program(*argv[1:], _bg=True, _bg_exc=False, **options)
+            with watch(proc.pid):
+                proc.wait()
     except sh.ErrorReturnCode as exc:
         if exc.exit_code < 0:
             raise CommandError(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from asd import progress, tree
 from asd.archive import Member, check_members, open_snapshot, parts, read_members
 from asd.errors import CommandError, SafetyError
 from asd.run import fd_path, run
@@ -223,7 +224,12 @@ def create(
         final, partial, fd = _claim(target, when, dfd)
         try:
             try:
-                run(tar_create_argv(fd_path(fd), source, exclude))
+                watch = progress.on_terminal(
+                    source,
+                    "read into the snapshot",
+                    lambda: tree.disk_usage(source, frozenset(exclude)),
+                )
+                run(tar_create_argv(fd_path(fd), source, exclude), watch=watch)
             except CommandError as exc:
                 raise exc.reworded(f"Could not snapshot {source}; nothing was kept") from exc
             os.fsync(fd)
@@ -320,7 +326,10 @@ def _extract(fd: int, target: Path, tfd: int, members: list[Member]) -> None:
     root = members[0]
     strip = len(parts(root.name))
     try:
-        run(tar_extract_argv(fd_path(fd), fd_path(tfd), strip))
+        # tar reads the archive's stream from zstd: each member's data and a 512-byte header
+        stream = sum(m.size for m in members) + 512 * len(members)
+        watch = progress.on_terminal(target, "restored", lambda: stream)
+        run(tar_extract_argv(fd_path(fd), fd_path(tfd), strip), watch=watch)
     except CommandError as exc:
         raise exc.reworded(f"Could not extract the snapshot into {target}") from exc
     _verify(tfd, members, strip, target)

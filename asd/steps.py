@@ -11,7 +11,6 @@ import contextlib
 import errno
 import os
 import stat
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,13 +195,11 @@ def perform(step: Step, layout: TargetLayout) -> None:
 def copy_in(source: Path, ram_copy: Path, target: Path) -> None:
     """Copy the disk copy into RAM, all but asd's own ``.asd-work`` (the session marker)."""
     argv = cp.copy_tree(source, ram_copy)
+    watch = progress.on_terminal(
+        target, "copied", lambda: tree.disk_usage(source, frozenset({WORK_NAME}))
+    )
     try:
-        if sys.stdout.isatty():
-            total = tree.disk_usage(source, frozenset({WORK_NAME}))
-            with progress.copying(target, ram_copy, total):
-                run(argv)
-        else:
-            run(argv)
+        run(argv, watch=watch)
     except CommandError as exc:
         raise exc.reworded(f"Could not copy {target} into RAM at {ram_copy}") from None
     # cp cannot leave it out: remove the copy, and give the directory back the times cp set.

@@ -253,25 +253,43 @@ def test_config_edits_apply_at_next_start_and_asdconf_picks_the_config(world: Wo
     assert world.mounted_at(second) == 1 and world.mounted_at(first) == 0
 
 
-def test_the_copy_into_ram_shows_progress_on_a_terminal_only(copy_world: World) -> None:
+def progress_lines(text: str, name: os.PathLike[str], what: str) -> list[tuple[str, str, str]]:
+    """(done, total, percent) of each "<name>: <done> of <total> <what> (<n> %)" line."""
+    shown = rf"{re.escape(str(name))}: (\S+ \S+) of (\S+ \S+) {re.escape(what)} \((\d+) %\)"
+    return re.findall(shown, text)
+
+
+def test_long_work_shows_progress_on_a_terminal_only(copy_world: World) -> None:
+    """The copy into RAM, and the crash-recovery snapshot after an unclean stop."""
     world = copy_world
     target = world.target("t")
     populate(target)
     (target / "big").write_bytes(os.urandom(3 << 20))
     world.write_conf(target)
-    before = manifest(target)
+    before, untimed = manifest(target), manifest(target, times=False)
     argv = [sys.executable, "-m", "asd", "-c", str(world.conf), "sync"]
     on_tty = world.run(["script", "-qefc", shlex.join(argv), "/dev/null"], check=True)
-    done = re.findall(
-        rf"{re.escape(str(target))}: (\S+ \S+) of (\S+ \S+) copied \((\d+) %\)", on_tty.stdout
-    )
+    done = progress_lines(on_tty.stdout, target, "copied")
     assert done, f"no progress line on a terminal: {on_tty.stdout!r}"
-    assert done[-1][0] == done[-1][1] and done[-1][2] == "100", done
+    assert done[0][0] == "0 B" and done[-1][0] == done[-1][1] and done[-1][2] == "100", done
     assert done[-1][1].endswith("MiB") and float(done[-1][1].split()[0]) >= 3.0, done
     assert inside_manifest(world, target) == before
+    world.power_cut()
+    world.boot()
+    on_tty = world.run(["script", "-qefc", shlex.join(argv), "/dev/null"], check=True)
+    snap = progress_lines(on_tty.stdout, target, "read into the snapshot")
+    assert snap and snap[-1][2] == "100", f"no snapshot progress: {on_tty.stdout!r}"
+    assert float(snap[-1][1].split()[0]) >= 3.0, snap
+    assert progress_lines(on_tty.stdout, target, "copied"), on_tty.stdout
     world.asd("unsync", check=True)
+    restore = [*argv[:-1], "restore"]
+    on_tty = world.run(["script", "-qefc", shlex.join(restore), "/dev/null"], check=True)
+    back = progress_lines(on_tty.stdout, target, "restored")
+    assert back and back[-1][2] == "100", f"no restore progress: {on_tty.stdout!r}"
+    assert manifest(target, times=False) == untimed, "the snapshot holds the state at the crash"
     piped = world.asd("sync", check=True)
-    assert "copied (" not in piped.stdout + piped.stderr, "progress under a pipe (systemd)"
+    said = piped.stdout + piped.stderr
+    assert "copied (" not in said and "snapshot (" not in said, "progress under a pipe (systemd)"
     assert inside_manifest(world, target) == before
 
 

@@ -294,25 +294,37 @@ def test_a_stage_is_reached_through_its_descriptor(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.lstat(j.stage).st_mode) == 0o700
 
 
-def test_progress_counts_what_reached_the_destination(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_progress_shows_what_the_command_has_read(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import time
 
     from asd import progress
 
-    assert progress.line(Path("/t"), 512, 2048) == "\r/t: 512 B of 2.0 KiB copied (25 %)"
-    assert progress.line(Path("/t"), -5, 10).endswith("0 B of 10 B copied (0 %)")
-    assert progress.line(Path("/t"), 99, 10).endswith("(100 %)"), "other writers to VOLATILE"
-    assert progress.line(Path("/t"), 0, 0).endswith("(100 %)"), "an empty target"
-    used = iter([1000, *range(1000, 1000 + 2048 * 50, 2048)])
-    monkeypatch.setattr(progress, "used_bytes", lambda _path: next(used))
+    assert progress.read_by(os.getpid()) > 0, "this process has read something"
+    assert progress.read_by(2**22 + 1) == 0, "no such process"
+    line = progress.line
+    assert line(Path("/t"), "copied", 512, 2048) == "\r/t: 512 B of 2.0 KiB copied (25 %)"
+    assert line(Path("/t"), "copied", -5, 10).endswith("0 B of 10 B copied (0 %)")
+    assert line(Path("/t"), "copied", 99, 10).endswith("(100 %)"), "rchar counts more than data"
+    assert line(Path("/t"), "copied", 0, 0).endswith("(100 %)"), "an empty target"
+    asked: list[int] = []
+    counts = iter(range(2048, 2048 * 100, 2048))
+
+    def read_by(pid: int) -> int:
+        asked.append(pid)
+        return next(counts)
+
+    monkeypatch.setattr(progress, "read_by", read_by)
     monkeypatch.setattr(progress, "INTERVAL", 0.01)
     out = io.StringIO()
-    with progress.copying(Path("/t"), tmp_path, 8192, out=out):
+    with progress.watching(Path("/t"), "copied", 8192, out=out)(4242):
         time.sleep(0.2)
     shown = out.getvalue().split("\r")[1:]
+    assert set(asked) == {4242}
     assert shown[0] == "/t: 0 B of 8.0 KiB copied (0 %)"
     assert "/t: 2.0 KiB of 8.0 KiB copied (25 %)" in shown, shown
     assert shown[-1] == "/t: 8.0 KiB of 8.0 KiB copied (100 %)\n"
+    failed = io.StringIO()
+    with pytest.raises(OSError), progress.watching(Path("/t"), "copied", 8192, out=failed)(1):
+        raise OSError("cp failed")
+    assert failed.getvalue().endswith("\n") and "100 %" not in failed.getvalue()
