@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import cp, lower, mounts, progress, tree
+from asd import coreutils, lower, mounts, progress, tree
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError, StateError
 from asd.journal import remove_tree
@@ -194,7 +194,7 @@ def perform(step: Step, layout: TargetLayout) -> None:
 
 def copy_in(source: Path, ram_copy: Path, target: Path) -> None:
     """Copy the disk copy into RAM, all but asd's own ``.asd-work`` (the session marker)."""
-    argv = cp.copy_tree(source, ram_copy)
+    argv = coreutils.copy_tree(source, ram_copy)
     watch = progress.on_terminal(
         target, "copied", lambda: tree.disk_usage(source, frozenset({WORK_NAME}))
     )
@@ -215,11 +215,11 @@ def undo(step: Step, *, lazy: bool = False) -> None:
         if MountTable.read().is_mountpoint(path):
             run(mounts.umount(path, lazy=lazy))
     elif step.kind in ("ram-dir", "lower"):
-        remove_tree(path)
+        run(coreutils.remove_tree(path))
     elif step.kind == "mkdir":
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(path)
     elif step.kind == "mark":
         clear_session(path)
     elif step.kind == "copy":
-        remove_tree(path)
+        run(coreutils.remove_tree(path))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asd import cp, rsync
+from asd import coreutils, rsync
 from asd.disks import human_size
 from asd.holders import Holder, holders
 from asd.journal import Journal
@@ -44,10 +44,13 @@ def test_mountinfo_octal_escapes_and_lookup() -> None:
 
 
 def test_command_lines_are_data() -> None:
-    assert cp.copy_tree(Path("/a"), Path("/b")) == [
+    assert coreutils.copy_tree(Path("/a"), Path("/b")) == [
         "cp", "--no-dereference", "--recursive",
         "--preserve=mode,ownership,timestamps,links,xattr", "--sparse=auto",
         "--no-target-directory", "--", "/a", "/b",
+    ]  # fmt: skip
+    assert coreutils.remove_tree(Path("/r/x")) == [
+        "rm", "--recursive", "--force", "--one-file-system", "--", "/r/x",
     ]  # fmt: skip
     listed = rsync.copy_listed(Path("/r"), Path("/s"), Path("/l"))
     assert listed[-3:] == ["--files-from=/l", "/r/", "/s/"] and "--from0" in listed

@@ -1,4 +1,4 @@
-"""cp command lines, as data: the initial copy of a target into RAM.
+"""cp and rm command lines, as data: copying a target into RAM, and removing asd's trees.
 
 Why cp and not rsync for this one copy: into an empty tmpfs there is nothing to compare, and
 GNU cp moves each file's data inside the kernel (copy_file_range) in one process, where
@@ -33,3 +33,11 @@ def copy_tree(src: Path, dst: Path) -> list[str]:
     """Copy all of ``src`` into the existing directory ``dst`` (cp has no exclude: the caller
     removes from ``dst`` what it did not want)."""
     return ["cp", *FLAGS, "--", str(src), str(dst)]
+
+
+def remove_tree(path: Path) -> list[str]:
+    """Remove ``path`` and everything under it, never crossing into another file system (a
+    mount left below it is refused, not emptied); absent is fine. For asd's own trees, the
+    RAM copy and the overlay's lower tree: hundreds of thousands of files, where Python's
+    `shutil.rmtree` adds its own time per file to the kernel's."""
+    return ["rm", "--recursive", "--force", "--one-file-system", "--", str(path)]
