@@ -24,7 +24,16 @@ from tests.container.conftest import Container
 pytestmark = pytest.mark.container
 
 TARGET = "/srv/arch-target"
-DEPENDS = ["python", "python-pyudev", "python-sh", "rsync", "zstd", "tar", "util-linux"]
+DEPENDS = [
+    "python",
+    "python-pyudev",
+    "python-sh",
+    "coreutils",
+    "rsync",
+    "zstd",
+    "tar",
+    "util-linux",
+]
 
 
 def package(box: Container) -> str:
