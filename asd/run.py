@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import sys
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -52,16 +51,14 @@ def run(
     ok_codes: Collection[int] = (0,),
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    show_output: bool = False,
     pass_fds: Collection[int] = (),
     watch: Watch | None = None,
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 
-    ``show_output`` passes the command's standard output straight to ours (progress lines on a
-    terminal); it is then not captured. ``pass_fds``: descriptors the command inherits, under
-    the same numbers (for ``/proc/self/fd/N`` paths); every other one is closed. ``watch``:
-    entered with the command's pid while it runs (progress on a terminal, `asd.progress`).
+    ``pass_fds``: descriptors the command inherits, under the same numbers (for
+    ``/proc/self/fd/N`` paths); every other one is closed. ``watch``: entered with the
+    command's pid while it runs (progress on a terminal, `asd.progress`).
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -82,8 +79,6 @@ def run(
         "_return_cmd": True,
         "_decode_errors": "surrogateescape",
     }
-    if show_output:
-        options["_out"] = sys.stdout
     if pass_fds:
         options["_pass_fds"] = set(pass_fds)
     for fd in pass_fds:
