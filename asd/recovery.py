@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asd import snapshots
+from asd.dirfd import fsync_path, open_private_dir, remove_tree
 from asd.errors import SafetyError
-from asd.journal import Journal, fsync_path, open_private_dir, remove_tree
+from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout, backup_path
 from asd.state import write_json_atomic
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import coreutils, lower, mounts, progress, tree
+from asd.dirfd import remove_tree
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError, StateError
-from asd.journal import remove_tree
 from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session

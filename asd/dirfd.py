@@ -1,0 +1,171 @@
+"""File operations through directory descriptors, one component at a time, never following
+a symlink: how asd touches trees a user can write into while it works (the disk copy, the
+RAM copy) as root.
+
+- `open_private_dir(path)`: asd's own directory, refused unless it is a real one private to root.
+- `parent_at(root_fd, parts, where)`, `open_dir_at(root_fd, rel, where)`, `exists_at`,
+  `remove_at`: reach and change entries below an opened directory.
+- `rel_parts(rel)`: the components of a relative path a record names, refusing ``..`` and the like.
+- `fsync_fd`, `fsync_path`, `fsync_tree`, `remove_tree`, `named`: errors name the user's path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from asd.dirmeta import O_DIR
+from asd.errors import SafetyError
+
+
+def fsync_fd(fd: int, shown: Path) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # fsync is where a failing disk reports lost writes (EIO): say which file.
+        raise OSError(exc.errno, exc.strerror, str(shown)) from exc
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fsync_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root_fd: int, shown: Path) -> None:
+    """fsync every regular file and directory below the opened directory ``root_fd``
+    (symlinks have no data), never following a symlink; errors name ``shown``/…"""
+    for dirpath, _dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root_fd):
+        here = shown / dirpath
+        for name in filenames:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue  # a symlink
+                raise named(exc, here / name) from exc
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    fsync_fd(fd, here / name)
+            finally:
+                os.close(fd)
+        fsync_fd(dir_fd, here)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or a whole directory tree; absent is fine. Never follows symlinks."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """The same error, naming ``path`` (what the user knows) instead of a relative name."""
+    if exc.filename is not None and os.path.isabs(str(exc.filename)):
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    """`remove_tree` of ``name`` in an opened directory."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def open_private_dir(path: Path, *, shown: Path | None = None) -> int:
+    """Open asd's own directory ``path``: a real directory (not a symlink), owned by us,
+    closed to group and others. Anything else was not made by asd and is refused.
+    ``shown``: the name to give in messages, when ``path`` is a /proc/self/fd one."""
+    try:
+        fd = os.open(path, O_DIR)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        fd = -1
+    st = os.fstat(fd) if fd >= 0 else os.lstat(path)
+    if fd < 0 or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        if fd >= 0:
+            os.close(fd)
+        raise SafetyError(
+            f"{shown or path} is not asd's own journal directory (a "
+            f"{stat.filemode(st.st_mode)} entry owned by uid {st.st_uid}); someone may have "
+            "planted it to make asd act on files it names, so asd will neither read nor "
+            "remove it. Look at what it holds, move it away, and try again"
+        )
+    return fd
+
+
+def rel_parts(rel: str, *, root_ok: bool = False) -> tuple[str, ...]:
+    """The components of a path a commit record names; refuses anything not plainly inside."""
+    parts = tuple(rel.split("/")) if rel else ()
+    if "\0" in rel or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(rel)
+    if not parts and not root_ok:
+        raise ValueError(rel)
+    return parts
+
+
+@contextmanager
+def parent_at(root_fd: int, parts: tuple[str, ...], where: Path) -> Iterator[int]:
+    """An fd of the directory holding ``parts[-1]`` below ``root_fd``, reached without
+    following symlinks. FileNotFoundError if a directory on the way is missing."""
+    fd = os.dup(root_fd)
+    try:
+        for i, name in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(name, O_DIR, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                bad = where.joinpath(*parts[: i + 1])
+                raise SafetyError(
+                    f"{bad} is not a directory (someone replaced it, perhaps by a symlink, "
+                    f"while asd was writing {where.joinpath(*parts)}); asd does not write "
+                    "through it. Look at it, and run asd again"
+                ) from exc
+            os.close(fd)
+            fd = nfd
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def exists_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+@contextmanager
+def open_dir_at(root_fd: int, rel: str, where: Path) -> Iterator[int]:
+    """An fd of the directory ``rel`` below ``root_fd`` ("" is ``root_fd`` itself), reached
+    without following symlinks; ``where`` names ``root_fd`` in messages."""
+    if not rel:
+        fd = os.dup(root_fd)
+    else:
+        parts = rel_parts(rel)
+        with parent_at(root_fd, parts, where) as pfd:
+            fd = os.open(parts[-1], O_DIR, dir_fd=pfd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
