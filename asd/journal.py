@@ -7,13 +7,14 @@ The disk copy only ever moves from one sync point to the next:
 2. a commit record listing the deletions, directories and files is written to a temp file,
    fsynced and renamed to ``.asd-work/commit.json`` — this rename is the commit point;
 3. the record is applied: deletions, new directories, each staged file renamed over its old
-   path, then directory metadata from the stage, deepest first; then the record and the stage
-   are removed.
+   path, the staged blocks of each patched file written into it (`asd.patch`), then directory
+   metadata from the stage, deepest first; then the record and the stage are removed.
 
 Every apply step is idempotent, so `recover` rolls a committed record forward after a crash at
-any point, and throws away a stage that was never committed. Files are always replaced by a
-new inode, never rewritten in place: in overlay mode the lower layer hard-links the disk
-copy's files, and it must never change while mounted.
+any point, and throws away a stage that was never committed. A file is replaced by a new
+inode, or patched in place only when it has one link (in overlay mode the lower layer
+hard-links the disk copy's files as they were at sync, and it must never change while
+mounted): writing the same staged blocks again is idempotent too.
 
 The disk copy belongs to the target's owner, who can write into it (through the backup mount
 while asd runs, or before asd ever starts), so nothing in it is trusted: ``.asd-work`` is used
@@ -48,6 +49,9 @@ from asd.dirfd import (
 from asd.dirmeta import O_DIR, dir_metadata_fd, set_dir_metadata_fd
 from asd.errors import SafetyError
 from asd.layout import WORK_NAME
+from asd.patch import DATA_DIR as PATCH_DATA
+from asd.patch import Patch, open_disk_file
+from asd.patch import apply as apply_patch
 from asd.state import write_json_atomic
 from asd.tree import Changes
 
@@ -100,9 +104,15 @@ class Journal:
         finally:
             os.close(fd)
 
-    def commit(self, changes: Changes, given: Mapping[str, dict[str, object]]) -> None:
+    def commit(
+        self,
+        changes: Changes,
+        given: Mapping[str, dict[str, object]],
+        patches: Mapping[str, Patch] | None = None,
+    ) -> None:
         """Make the staged changes durable and apply them. Returns at a new sync point.
-        Each directory's metadata is read from the stage, unless ``given`` holds it."""
+        Each directory's metadata is read from the stage, unless ``given`` holds it.
+        ``patches``: files written in place from their staged blocks (`asd.patch`)."""
         with self._work_fd() as wfd, open_dir_at(wfd, "stage", self.work) as sfd:
             fsync_tree(sfd, self.stage)
             dirs: dict[str, dict[str, object]] = {}
@@ -112,7 +122,12 @@ class Journal:
                     continue
                 with open_dir_at(sfd, rel, self.stage) as fd:
                     dirs[rel] = dir_metadata_fd(fd)
-            record = {"deleted": list(changes.deleted), "dirs": dirs, "files": list(changes.files)}
+            record = {
+                "deleted": list(changes.deleted),
+                "dirs": dirs,
+                "files": list(changes.files),
+                "patches": {rel: p.to_record() for rel, p in (patches or {}).items()},
+            }
             write_json_atomic(self.record, record, dir_fd=wfd)
         self.apply()
 
@@ -126,7 +141,9 @@ class Journal:
         except (FileNotFoundError, NotADirectoryError, SafetyError):
             return False
 
-    def _read_record(self, wfd: int) -> tuple[list[str], dict[str, dict[str, object]], list[str]]:
+    def _read_record(
+        self, wfd: int
+    ) -> tuple[list[str], dict[str, dict[str, object]], list[str], dict[str, Patch]]:
         fd = os.open("commit.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=wfd)
         with os.fdopen(fd, "rb") as fh:
             data = json.loads(fh.read())
@@ -134,7 +151,9 @@ class Journal:
             deleted = [str(r) for r in data["deleted"]]
             dirs = {str(r): dict(m) for r, m in data["dirs"].items()}
             files = [str(r) for r in data["files"]]
-            for rel in [*deleted, *files]:
+            # (a record of asd before patches has none)
+            patches = {str(r): Patch.from_record(p) for r, p in data.get("patches", {}).items()}
+            for rel in [*deleted, *files, *patches]:
                 rel_parts(rel)
             for rel in dirs:
                 rel_parts(rel, root_ok=True)
@@ -143,15 +162,16 @@ class Journal:
                 f"{self.record} is not a commit record asd wrote (it names {exc}, not a path "
                 f"inside {self.disk}); asd will not apply it. Move {self.work} away and try again"
             ) from exc
-        return deleted, dirs, files
+        return deleted, dirs, files, patches
 
     def apply(self) -> None:
         with self._work_fd() as wfd:
-            deleted, dirs, files = self._read_record(wfd)
+            deleted, dirs, files, patches = self._read_record(wfd)
             dfd = os.open(self.disk, O_DIR)
             at = [""]
             try:
                 self._apply(wfd, dfd, deleted, dirs, files, at)
+                self._apply_patches(wfd, dfd, patches, at)
             except OSError as exc:
                 # Descriptor-relative calls only know the last name: say the whole path.
                 raise named(exc, self.disk / at[0]) from exc
@@ -160,6 +180,28 @@ class Journal:
             os.unlink("commit.json", dir_fd=wfd)
             os.fsync(wfd)
             remove_at(wfd, "stage")
+
+    def _apply_patches(self, wfd: int, dfd: int, patches: dict[str, Patch], at: list[str]) -> None:
+        """Write each patch's staged blocks into its file (after the renames, before the
+        directory metadata: a patched file's directory is left as it is)."""
+        if not patches:
+            return
+        with open_dir_at(wfd, f"stage/{PATCH_DATA}", self.work) as data_dir:
+            for rel, patch in patches.items():
+                at[0] = rel
+                parts = rel_parts(rel)
+                data = os.open(
+                    patch.data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=data_dir
+                )
+                try:
+                    with parent_at(dfd, parts, self.disk) as pfd:
+                        fd = open_disk_file(pfd, parts[-1], patch, self.disk / rel)
+                        try:
+                            apply_patch(fd, data, patch)
+                        finally:
+                            os.close(fd)
+                finally:
+                    os.close(data)
 
     def _staged(self, wfd: int, parts: tuple[str, ...]) -> bool:
         try:

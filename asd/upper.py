@@ -169,6 +169,16 @@ def _other_names(layout: TargetLayout, linked: set[str], upper: Index) -> Index:
     return names
 
 
+def single_name(layout: TargetLayout, rel: str) -> bool:
+    """Whether the upper layer's file ``rel`` is a file with no other name in the merged view
+    (its link count there also counts the lower tree's and the index's links)."""
+    try:
+        st = os.lstat(layout.upper / rel)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or not _may_have_other_names(layout, rel))
+
+
 def has_links(layout: TargetLayout, changes: Changes) -> bool:
     """Whether a file to write may have other names in the merged view that the write-back
     must keep one inode with it: then the caller groups names by a full walk. Every lower

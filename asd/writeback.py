@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
+from asd.patch import MIN_SIZE, Patch, stage_patches
 from asd.run import run
 from asd.tree import Changes, Index, diff, parent_of, with_links
 from asd.tree import index as tree_index
@@ -114,6 +117,57 @@ def _without(idx: Index, gone: set[str]) -> None:
         del idx[key]
 
 
+def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list[str]:
+    """Changed files worth comparing block by block (`asd.patch`): large, with no other
+    name in RAM, and neither new nor of another type (those are deletions too)."""
+    deleted = set(changes.deleted)
+    overlay = upper.is_overlay(layout)
+    out = []
+    for rel in changes.files:
+        entry = new.get(rel)
+        if entry is None or rel in deleted or entry[0] != stat.S_IFREG or entry[5] < MIN_SIZE:
+            continue
+        if upper.single_name(layout, rel) if overlay else entry[8] == 1:
+            out.append(rel)
+    return out
+
+
+def without_patched(
+    changes: Changes, patches: Mapping[str, Patch], old: Index, new: Index
+) -> Changes:
+    """``changes`` less the patched files, and less the directories listed only because a
+    file in them changed that is now patched (a patch leaves its directory as it is; a rename
+    into it would not)."""
+    if not patches:
+        return changes
+    files = [r for r in changes.files if r not in patches]
+    own = [d for d in changes.dirs if old.get(d) != new.get(d)]
+    needed = {parent_of(r) for r in (*files, *changes.deleted, *own) if r} | set(own)
+    return Changes(changes.deleted, tuple(files), tuple(d for d in changes.dirs if d in needed))
+
+
+def copy_listed(
+    layout: TargetLayout, journal: Journal, listed: list[str], list_file: Path, stage: int
+) -> None:
+    """rsync the ``listed`` paths from RAM into the stage (through its descriptor, not its
+    name: see `Journal.new_stage`). What vanished on the way is found by the caller."""
+    try:
+        list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(list_file)) from exc
+    alias = f"/proc/self/fd/{stage}"
+    try:
+        run(
+            rsync.copy_listed(layout.ram_copy, Path(alias), list_file),
+            ok_codes=rsync.ok_codes(allow_vanished=True),
+            pass_fds=(stage,),
+        )
+    except CommandError as exc:
+        if not rsync.only_vanished(exc.exit_code, exc.stderr):
+            raise exc.showing(alias, str(journal.stage)) from None
+        log.debug("rsync: %s", exc.stderr.strip())  # counted as vanished by the caller
+
+
 def resync_target(layout: TargetLayout) -> WriteBack:
     journal = Journal(layout.backup)
     done = journal.recover()
@@ -122,29 +176,19 @@ def resync_target(layout: TargetLayout) -> WriteBack:
     old, new, changes = compare(layout)
     if changes.empty:
         return WriteBack(layout.target, 0, 0, ())
-    # Not the root: rsync copies the contents of a listed "." one level down (every file at
-    # the top of the target, data and all); the commit takes its metadata from RAM instead.
-    listed = [r for r in (*changes.dirs, *changes.files) if r]
     list_file = layout.index_file.with_suffix(".list")
     try:
-        list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
-    except OSError as exc:
-        list_file.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(list_file)) from exc
-    try:
         with journal.new_stage() as stage:
-            # rsync writes through the stage's descriptor, not its name (see new_stage)
-            alias = f"/proc/self/fd/{stage}"
-            try:
-                run(
-                    rsync.copy_listed(layout.ram_copy, Path(alias), list_file),
-                    ok_codes=rsync.ok_codes(allow_vanished=True),
-                    pass_fds=(stage,),
-                )
-            except CommandError as exc:
-                if not rsync.only_vanished(exc.exit_code, exc.stderr):
-                    raise exc.showing(alias, str(journal.stage)) from None
-                log.debug("rsync: %s", exc.stderr.strip())  # counted as vanished below
+            patches = stage_patches(
+                layout.ram_copy, layout.backup, patch_candidates(layout, changes, new), stage
+            )
+            changes = without_patched(changes, patches, old, new)
+            # Not the root: rsync copies the contents of a listed "." one level down (every
+            # file at the top of the target, data and all); the commit takes its metadata
+            # from RAM instead.
+            listed = [r for r in (*changes.dirs, *changes.files) if r]
+            if listed:
+                copy_listed(layout, journal, listed, list_file, stage)
             # Durable before the commit record names them; the journal's fsync of each
             # staged file then finds nothing left to write.
             syncfs(stage, journal.stage)
@@ -164,7 +208,7 @@ def resync_target(layout: TargetLayout) -> WriteBack:
             tuple(r for r in changes.dirs if r not in gone),
         )
         root = {"": dir_metadata(layout.ram_copy)} if "" in final.dirs else {}
-        journal.commit(final, root)
+        journal.commit(final, root, patches)
     except BaseException:
         if not os.path.lexists(journal.record):
             journal.recover()  # discard the uncommitted stage; the disk copy is untouched
@@ -172,6 +216,5 @@ def resync_target(layout: TargetLayout) -> WriteBack:
     finally:
         list_file.unlink(missing_ok=True)
     save_index(layout, new)
-    return WriteBack(
-        layout.target, len(final.files) + len(final.dirs), len(final.deleted), vanished
-    )
+    written = len(final.files) + len(patches) + len(final.dirs)
+    return WriteBack(layout.target, written, len(final.deleted), vanished)
