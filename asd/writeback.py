@@ -2,10 +2,11 @@
 
 What changed is found by comparing a walk of the RAM side with the index saved at the last
 sync point (`asd.tree`, stored by `asd.index`); the disk side is never walked. In overlay
-mode only the upper layer is walked (`asd.upper`). Changed files are copied by rsync into
-the journal's stage on the disk copy's file system, made durable with one `syncfs` (one
-journal commit, where an fsync per file costs a commit each: ten times the bytes changed,
-for small files), then committed (`asd.journal`).
+mode only the upper layer is walked (`asd.upper`). Large files changed a little have only
+their changed blocks staged (`asd.patch`); the other changed files are copied by rsync into
+the journal's stage on the disk copy's file system. The stage is made durable with one
+`syncfs` (one journal commit, where an fsync per file costs a commit each: ten times the
+bytes changed, for small files), then committed (`asd.journal`).
 """
 
 from __future__ import annotations

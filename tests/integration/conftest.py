@@ -200,6 +200,8 @@ def populate(root: Path) -> None:
         fh.truncate(32 * 1024 * 1024)
         fh.seek(4096)
         fh.write(b"data in the middle")
+    with open(root / "app.log", "w") as fh:  # large enough to be patched in place (asd.patch)
+        fh.writelines(f"{i:06d} a service said something\n" for i in range(4000))
     (root / "hard1").write_text("linked\n")
     os.link(root / "hard1", root / "docs" / "hard2")
     os.setxattr(root / "docs" / "a.txt", "user.colour", b"blue")
@@ -216,6 +218,8 @@ CHANGES = r"""
 set -e
 cd "$1"
 echo changed > docs/a.txt
+echo "one more line" >> app.log
+printf 'in the middle' | dd of=sparse.img bs=1 seek=16777216 conv=notrunc status=none
 echo more >> name\ with\ spaces
 chmod 640 docs/deep/er/b.txt
 setfattr -n user.mood -v happy docs/deep/er/b.txt

@@ -74,7 +74,12 @@ def test_large_files_changed_a_little_are_patched_in_place(world: World) -> None
         if world.overlay:
             assert digest(lower / "app.log") == at_sync, "the overlay's lower layer changed"
 
-    in_place = {"app.log": True, "data/load.rrd": True, "data/rewritten.bin": False, "holes.img": True}
+    in_place = {
+        "app.log": True,
+        "data/load.rrd": True,
+        "data/rewritten.bin": False,
+        "holes.img": True,
+    }
     if world.overlay:
         # At sync every disk file is also a lower-layer link: the first resync must copy
         # whole files; from then on the disk copy's files are asd's own, one link each.

@@ -34,7 +34,8 @@ from tests.reliability.conftest import FULL, World, record, sample
 Point = tuple[str, int]
 Manifest = dict[str, Any]
 
-# Type changes, the case where one name is both deleted and written by one commit record.
+# Type changes, the case where one name is both deleted and written by one commit record,
+# and an append to a large file, patched in place in either mode (asd.patch).
 TYPE_CHANGES = r"""
 set -e
 cd "$1"
@@ -42,6 +43,7 @@ rm -r docs/deep && echo "a file now" > docs/deep
 rm sparse.img && mkdir sparse.img && echo inside > sparse.img/f
 rm -r rel-link && ln -s docs rel-link
 rm dangling && mkdir -p dangling/sub && echo deeper > dangling/sub/g
+echo "and another line" >> app.log
 """
 
 

@@ -1,0 +1,183 @@
+"""asd.patch: the blocks a patch stages, that applying it gives the RAM file, what it refuses."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from asd import patch
+from asd.errors import SafetyError
+from asd.journal import Journal
+from asd.patch import BLOCK, MIN_SIZE, Patch
+from asd.tree import Changes
+
+KIB = 1024
+
+
+def body(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)  # noqa: S311 - test data, not secrets
+
+
+def planned(ram: Path, disk: Path, out: Path) -> Patch | None:
+    with open(ram, "rb") as r, open(disk, "rb") as d, open(out, "wb") as o:
+        return patch.plan(r.fileno(), d.fileno(), o.fileno())
+
+
+def applied(disk: Path, out: Path, p: Patch) -> None:
+    fd = os.open(disk, os.O_WRONLY)
+    data = os.open(out, os.O_RDONLY)
+    try:
+        patch.apply(fd, data, p)
+    finally:
+        os.close(fd)
+        os.close(data)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path, Path]:
+    ram, disk = tmp_path / "ram", tmp_path / "disk"
+    data = body(1024 * KIB)
+    ram.write_bytes(data)
+    disk.write_bytes(data)
+    return ram, disk, tmp_path / "staged"
+
+
+def test_an_append_stages_only_the_tail(pair: tuple[Path, Path, Path]) -> None:
+    ram, disk, out = pair
+    with open(ram, "ab") as fh:
+        fh.write(b"x" * 10 * KIB)
+    os.utime(ram, ns=(1_000_000_000, 2_000_000_000))
+    inode = disk.stat().st_ino
+    p = planned(ram, disk, out)
+    assert p is not None
+    assert p.extents == ((1024 * KIB, 10 * KIB),)  # three blocks, the last one partial
+    assert p.written == out.stat().st_size == 10 * KIB
+    assert p.size == 1034 * KIB
+    applied(disk, out, p)
+    applied(disk, out, p)  # rolling forward again writes the same bytes
+    assert disk.read_bytes() == ram.read_bytes()
+    assert disk.stat().st_ino == inode
+    assert disk.stat().st_mtime_ns == 2_000_000_000
+
+
+def test_a_changed_byte_in_the_middle_stages_one_block(pair: tuple[Path, Path, Path]) -> None:
+    ram, disk, out = pair
+    with open(ram, "r+b") as fh:
+        fh.seek(300_000)
+        fh.write(b"!")
+        fh.seek(300_001 + 5 * BLOCK)
+        fh.write(b"?")
+    p = planned(ram, disk, out)
+    assert p is not None
+    assert p.extents == ((73 * BLOCK, BLOCK), (78 * BLOCK, BLOCK))
+    applied(disk, out, p)
+    assert disk.read_bytes() == ram.read_bytes()
+
+
+def test_shrinking_and_growing_with_a_hole(pair: tuple[Path, Path, Path]) -> None:
+    ram, disk, out = pair
+    os.truncate(ram, 512 * KIB)
+    p = planned(ram, disk, out)
+    assert p is not None and p.extents == () and p.size == 512 * KIB
+    applied(disk, out, p)
+    assert disk.read_bytes() == ram.read_bytes()
+
+    os.truncate(ram, 64 * 1024 * KIB)  # 64 MiB of zeros past the end: a hole, not data
+    p = planned(ram, disk, out)
+    assert p is not None and p.extents == ()
+    applied(disk, out, p)
+    assert disk.stat().st_size == 64 * 1024 * KIB
+    assert disk.stat().st_blocks * 512 < 2 * 1024 * KIB, "the hole was written as data"
+    assert disk.read_bytes() == ram.read_bytes()
+
+
+def test_copied_whole_instead(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    ram, disk, out = pair
+    ram.write_bytes(body(1024 * KIB, seed=2))  # everything differs
+    assert planned(ram, disk, out) is None
+    small_ram, small_disk = tmp_path / "sr", tmp_path / "sd"
+    small_ram.write_bytes(b"a" * (MIN_SIZE - 1))
+    small_disk.write_bytes(b"b" * (MIN_SIZE - 1))
+    assert planned(small_ram, small_disk, out) is None
+    ram.write_bytes(disk.read_bytes() + b"tail")
+    os.link(disk, tmp_path / "other-name")
+    assert planned(ram, disk, out) is None, "a disk file with another name was patched"
+    os.unlink(tmp_path / "other-name")
+    assert planned(ram, disk, out) is not None
+    os.setxattr(ram, "user.colour", b"blue")
+    assert planned(ram, disk, out) is None, "an xattr change needs the whole-file copy"
+
+
+def test_records_round_trip_and_refuse_what_asd_did_not_write() -> None:
+    p = Patch(7, 100 * KIB, ((0, 4096), (8192, 100)), 0o640, 1, 2, 3, 4, "0")
+    assert Patch.from_record(p.to_record()) == p
+    bad: list[dict[str, object]] = [
+        {**p.to_record(), "size": -1},
+        {**p.to_record(), "extents": [[8192, 10], [0, 4096]]},  # overlapping, out of order
+        {**p.to_record(), "extents": [[0, 0]]},
+        {**p.to_record(), "extents": [[0, 200 * KIB]]},  # past the size
+        {**p.to_record(), "data": "../../etc/passwd"},
+        {**p.to_record(), "mode": 0o170644},
+        {**p.to_record(), "uid": "0"},
+    ]
+    for record in bad:
+        with pytest.raises((ValueError, TypeError)):
+            Patch.from_record(record)
+
+
+def test_the_apply_refuses_a_file_that_was_swapped(pair: tuple[Path, Path, Path]) -> None:
+    ram, disk, out = pair
+    with open(ram, "ab") as fh:
+        fh.write(b"more")
+    p = planned(ram, disk, out)
+    assert p is not None
+    pfd = os.open(disk.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.replace(disk, disk.with_name("moved"))
+        disk.symlink_to("/etc/passwd")
+        with pytest.raises(SafetyError, match="no longer the file"):
+            patch.open_disk_file(pfd, disk.name, p, disk)
+        disk.unlink()
+        disk.write_bytes(ram.read_bytes()[:-4])  # same content, another inode
+        with pytest.raises(SafetyError, match="no longer the file"):
+            patch.open_disk_file(pfd, disk.name, p, disk)
+    finally:
+        os.close(pfd)
+
+
+def test_a_commit_interrupted_while_patching_rolls_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ram, disk = tmp_path / "ram", tmp_path / "disk"
+    (ram / "d").mkdir(parents=True)
+    (disk / "d").mkdir(parents=True)
+    for name in ("d/log", "big"):
+        data = body(256 * KIB, seed=len(name))
+        (ram / name).write_bytes(data + b"appended")
+        (disk / name).write_bytes(data)
+    journal = Journal(disk)
+    with journal.new_stage() as stage:
+        patches = patch.stage_patches(ram, disk, ["d/log", "big", "missing"], stage)
+    assert sorted(patches) == ["big", "d/log"]
+
+    real = patch.apply
+    calls = []
+
+    def crash_after_first(fd: int, data: int, p: Patch) -> None:
+        real(fd, data, p)
+        calls.append(p)
+        raise KeyboardInterrupt  # stands for the power going out
+
+    monkeypatch.setattr("asd.journal.apply_patch", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        journal.commit(Changes((), (), ()), {}, patches)
+    assert journal.record.exists()
+    monkeypatch.setattr("asd.journal.apply_patch", real)
+    assert journal.recover() is not None
+    for name in ("d/log", "big"):
+        assert (disk / name).read_bytes() == (ram / name).read_bytes()
+    assert not journal.record.exists()
+    assert not journal.stage.exists()
