@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
-PHASES = ("sync", "resync", "idle_resync", "unsync")
+PHASES = ("sync", "resync", "idle_resync", "resync_again", "unsync")
 
 
 def cell(run: dict[str, Any] | None, phase: str) -> str:
-    if run is None:
+    if run is None or phase not in run:
         return "–"
     p = run[phase]
     cpu = f" / {p['cpu_seconds']:.2f}" if "cpu_seconds" in p else ""
