@@ -195,7 +195,7 @@ class Journal:
                 )
                 try:
                     with parent_at(dfd, parts, self.disk) as pfd:
-                        fd = open_disk_file(pfd, parts[-1], patch, self.disk / rel)
+                        fd = open_disk_file(pfd, parts[-1], self.disk / rel)
                         try:
                             apply_patch(fd, data, patch)
                         finally:

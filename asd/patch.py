@@ -1,21 +1,25 @@
-"""Write back only the blocks of a large file that changed, in place, through the journal.
+"""Write back only the blocks of a file that changed, in place, through the journal.
 
 A resync otherwise replaces each changed file by a new inode (stage, rename), which writes the
-whole file: a 100 MiB log with 10 KiB appended costs 100 MiB on the drive every time, an RRD
-database with a few values updated its full size. For such a file asd compares the RAM copy
-with the disk copy block by block (reading both, writing nothing), stages only the blocks that
-differ, and the journal's apply writes them into the disk copy's file in place. Writing the
-same blocks again gives the same file, so rolling a commit forward after a crash is idempotent,
-as a rename is. The staged blocks are written twice (stage, then in place), so a patch is
-taken only where at most a quarter of the file differs.
+whole file and, on ext4, a new inode, the old one freed and two directory blocks: a 100 MiB
+log with 10 KiB appended costs 100 MiB on the drive every time, an RRD database with a few
+values updated its full size, and a 3 KiB cache entry rewritten about ten times its size in
+metadata. Instead asd compares the RAM file with the disk file block by block (reading both,
+writing nothing), stages only the blocks that differ — all patches of one resync in one data
+file — and the journal's apply writes them into the disk file in place. Writing the same
+blocks again gives the same file, so rolling a commit forward after a crash is idempotent, as
+a rename is. Staged blocks are written twice (stage, then in place), so a patch is taken only
+while that costs less than a replacement would: twice the blocks written at most the file's
+size plus `REPLACE_COST`.
 
-A file is patched only when, on both sides, it is a regular file with one name, of at least
-`MIN_SIZE` bytes, with the same extended attributes and ACLs; anything else is copied whole
-(rsync keeps hard links as links).
+A file is patched only when, on both sides, it is a regular file with one name and the same
+extended attributes and ACLs; anything else is copied whole (rsync keeps hard links as links).
 One link on the disk side is what keeps overlay mode's lower layer unchanged: the lower tree
 hard-links the disk copy's files as they were at sync, so such a file has two links; one that
-a resync has already replaced has one and belongs to no layer. The apply checks that the disk
-file is still the inode the patch was computed against (the disk copy's owner can swap names).
+a resync has already replaced has one and belongs to no layer. The apply checks again that
+the disk file is a regular file with one link: the disk copy's owner can swap names in it,
+but cannot give a file of someone else's a single name inside it. (Not that it is the same
+inode: a disk copy moved with cp or rsync while a commit was pending must still roll forward.)
 
 - `stage_patches(ram, disk, rels, stage_fd) -> dict[str, Patch]`: plan and stage the patches.
 - `plan(ram_fd, disk_fd, out_fd) -> Patch | None`: compare; the differing blocks go to ``out_fd``.
@@ -29,29 +33,31 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from asd.dirfd import named, parent_at, rel_parts
+from asd.dirfd import named, open_dir_at, parent_at, rel_parts
 from asd.dirmeta import O_DIR
 from asd.errors import SafetyError
 from asd.layout import WORK_NAME
 
 BLOCK = 4096
 CHUNK = 1 << 20
-MIN_SIZE = 64 * 1024
-MAX_SHARE = 4  # patch only if at most 1/MAX_SHARE of the file's bytes are written
+# What replacing a file by rename costs on ext4 beyond its data: the new inode, the old one
+# freed, the stage's and the target's directory blocks, each journalled and written home
+# (measured by the benchmark: about 20-40 KiB per small file).
+REPLACE_COST = 32 * 1024
+DATA_NAME = "0"  # the one data file of a resync's patches
 O_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DATA_DIR = WORK_NAME  # inside the stage: a name rsync never stages (the target's .asd-work)
 
 
 @dataclass(frozen=True)
 class Patch:
-    """What turns the disk file (inode ``ino``) into the RAM file: ``extents`` (offset,
-    length) are written from the staged data file ``data``, in order, then the size and the
-    metadata are set."""
+    """What turns the disk file into the RAM file: ``extents`` (offset,
+    length) are written from the staged data file ``data``, read from ``data_offset`` on, in
+    order; then the size and the metadata are set."""
 
-    ino: int
     size: int
     extents: tuple[tuple[int, int], ...]
     mode: int
@@ -60,6 +66,7 @@ class Patch:
     atime_ns: int
     mtime_ns: int
     data: str = ""
+    data_offset: int = 0
 
     @property
     def written(self) -> int:
@@ -67,7 +74,6 @@ class Patch:
 
     def to_record(self) -> dict[str, object]:
         return {
-            "ino": self.ino,
             "size": self.size,
             "extents": [list(e) for e in self.extents],
             "mode": self.mode,
@@ -76,12 +82,14 @@ class Patch:
             "atime_ns": self.atime_ns,
             "mtime_ns": self.mtime_ns,
             "data": self.data,
+            "data_offset": self.data_offset,
         }
 
     @classmethod
     def from_record(cls, data: dict[str, object]) -> Patch:
         """Raises ValueError (or KeyError, TypeError) unless ``data`` is a patch asd wrote."""
-        ints = {k: data[k] for k in ("ino", "size", "mode", "uid", "gid", "atime_ns", "mtime_ns")}
+        keys = ("size", "mode", "uid", "gid", "atime_ns", "mtime_ns", "data_offset")
+        ints = {k: data[k] for k in keys}
         values = [v for v in ints.values() if type(v) is int and v >= 0]
         raw, name = data["extents"], data["data"]
         if len(values) != len(ints) or not isinstance(raw, list) or not isinstance(name, str):
@@ -92,15 +100,15 @@ class Patch:
             if offset < end or length <= 0:
                 raise ValueError(extents)
             end = offset + length
-        ino, size, mode, uid, gid, atime_ns, mtime_ns = values
+        size, mode, uid, gid, atime_ns, mtime_ns, offset = values
         if end > size or mode > 0o7777 or not name.isdigit():
             raise ValueError(data)
-        return cls(ino, size, extents, mode, uid, gid, atime_ns, mtime_ns, name)
+        return cls(size, extents, mode, uid, gid, atime_ns, mtime_ns, name, offset)
 
 
 def eligible(st: os.stat_result) -> bool:
     """A disk file a patch may write into."""
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size >= MIN_SIZE
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def _xattrs(fd: int) -> dict[str, bytes]:
@@ -113,15 +121,16 @@ def _xattrs(fd: int) -> dict[str, bytes]:
 
 
 def plan(ram_fd: int, disk_fd: int, out_fd: int) -> Patch | None:
-    """Compare the open RAM and disk files; append the RAM blocks that differ to ``out_fd``.
-    None if the disk file is not `eligible`, the RAM one is not a regular file of at least
-    `MIN_SIZE`, their xattrs differ, or too much differs. That the RAM file has no other name
-    is the caller's to know (an overlay's merged view counts links of its own)."""
+    """Compare the open RAM and disk files; append the RAM blocks that differ to ``out_fd``
+    (at its current offset). None, with ``out_fd`` as it was, if the disk file is not
+    `eligible`, the RAM one is not a regular file, their xattrs differ, or so much differs
+    that a replacement costs less. That the RAM file has no other name is the caller's to
+    know (an overlay's merged view counts links of its own)."""
     ram, disk = os.fstat(ram_fd), os.fstat(disk_fd)
-    big = stat.S_ISREG(ram.st_mode) and ram.st_size >= MIN_SIZE
-    if not (big and eligible(disk)) or _xattrs(ram_fd) != _xattrs(disk_fd):
+    if not (stat.S_ISREG(ram.st_mode) and eligible(disk)) or _xattrs(ram_fd) != _xattrs(disk_fd):
         return None
-    limit = max(ram.st_size, disk.st_size) // MAX_SHARE
+    start = os.lseek(out_fd, 0, os.SEEK_CUR)
+    limit = (max(ram.st_size, disk.st_size) + REPLACE_COST) // 2
     extents: list[tuple[int, int]] = []
     written = 0
     offset = 0
@@ -137,6 +146,8 @@ def plan(ram_fd: int, disk_fd: int, out_fd: int) -> Patch | None:
                     continue  # past the old end: the final ftruncate makes it a hole
                 written += len(block)
                 if written > limit:
+                    os.ftruncate(out_fd, start)
+                    os.lseek(out_fd, start, os.SEEK_SET)
                     return None
                 _write_all(out_fd, block)
                 if extents and extents[-1][0] + extents[-1][1] == at:
@@ -148,7 +159,6 @@ def plan(ram_fd: int, disk_fd: int, out_fd: int) -> Patch | None:
     # ctime than the index taken before, so the next resync compares again.
     after = os.fstat(ram_fd)
     return Patch(
-        ino=disk.st_ino,
         size=offset,
         extents=tuple(extents),
         mode=stat.S_IMODE(after.st_mode),
@@ -156,6 +166,8 @@ def plan(ram_fd: int, disk_fd: int, out_fd: int) -> Patch | None:
         gid=after.st_gid,
         atime_ns=after.st_atime_ns,
         mtime_ns=after.st_mtime_ns,
+        data=DATA_NAME,
+        data_offset=start,
     )
 
 
@@ -170,7 +182,7 @@ def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
 
 def apply(disk_fd: int, data_fd: int, patch: Patch) -> None:
     """Write ``patch`` into the open disk file; the same bytes again when rolling forward."""
-    pos = 0
+    pos = patch.data_offset
     for offset, length in patch.extents:
         done = 0
         while done < length:
@@ -187,9 +199,9 @@ def apply(disk_fd: int, data_fd: int, patch: Patch) -> None:
     os.fsync(disk_fd)
 
 
-def open_disk_file(pfd: int, name: str, patch: Patch, shown: Path) -> int:
-    """The disk file a patch is for, opened for writing: refused unless it is still the
-    regular file, with one link, that the patch was computed against."""
+def open_disk_file(pfd: int, name: str, shown: Path) -> int:
+    """The disk file a patch is for, opened for writing: refused unless it is still a
+    regular file with one link."""
     try:
         fd = os.open(name, os.O_WRONLY | O_FILE, dir_fd=pfd)
     except OSError as exc:
@@ -197,13 +209,13 @@ def open_disk_file(pfd: int, name: str, patch: Patch, shown: Path) -> int:
             raise named(exc, shown) from exc
         fd = -1
     st = os.fstat(fd) if fd >= 0 else None
-    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_ino != patch.ino:
+    if st is None or not eligible(st):
         if fd >= 0:
             os.close(fd)
         raise SafetyError(
-            f"{shown} is no longer the file asd was writing back into (someone replaced or "
-            "linked it in the disk copy during a resync); asd does not write into it. Look at "
-            "it, put the file back or move it away, and run asd again"
+            f"{shown} is no longer the file asd was writing back into (someone removed, "
+            "replaced or linked it in the disk copy during a resync); asd does not write into "
+            "it. Look at it, put the file back or move it away, and run asd again"
         )
     return fd
 
@@ -221,28 +233,30 @@ def _open_file(root_fd: int, rel: str, where: Path, flags: int) -> int | None:
 
 def stage_patches(ram: Path, disk: Path, rels: Iterable[str], stage_fd: int) -> dict[str, Patch]:
     """Plan a patch for each of ``rels`` (changed files, present on both sides) and stage its
-    data in ``stage_fd``; those not worth patching are left out (copied whole)."""
+    blocks in the stage ``stage_fd``; those not worth patching are left out (copied whole)."""
     patches: dict[str, Patch] = {}
     rels = list(rels)
     if not rels:
         return patches
     os.mkdir(DATA_DIR, 0o700, dir_fd=stage_fd)
-    data_dir = os.open(DATA_DIR, O_DIR, dir_fd=stage_fd)
+    with open_dir_at(stage_fd, DATA_DIR, Path(DATA_DIR)) as data_dir:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_FILE
+        out = os.open(DATA_NAME, flags, 0o600, dir_fd=data_dir)
     ram_root = os.open(ram, O_DIR)
     disk_root = os.open(disk, O_DIR)
     try:
-        for n, rel in enumerate(rels):
-            patch = _stage_one(ram_root, disk_root, rel, data_dir, str(n), ram, disk)
+        for rel in rels:
+            patch = _stage_one(ram_root, disk_root, rel, out, ram, disk)
             if patch is not None:
                 patches[rel] = patch
     finally:
-        for fd in (ram_root, disk_root, data_dir):
+        for fd in (ram_root, disk_root, out):
             os.close(fd)
     return patches
 
 
 def _stage_one(
-    ram_root: int, disk_root: int, rel: str, data_dir: int, name: str, ram: Path, disk: Path
+    ram_root: int, disk_root: int, rel: str, out: int, ram: Path, disk: Path
 ) -> Patch | None:
     rfd = _open_file(ram_root, rel, ram, os.O_RDONLY)
     if rfd is None:
@@ -251,21 +265,16 @@ def _stage_one(
         dfd = _open_file(disk_root, rel, disk, os.O_RDONLY)
         if dfd is None:
             return None
+        start = os.lseek(out, 0, os.SEEK_CUR)
         try:
-            out = os.open(
-                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_FILE, 0o600, dir_fd=data_dir
-            )
-            try:
-                patch = plan(rfd, dfd, out)
-            except OSError:
-                patch = None  # an unreadable old copy, a full stage: the whole-file copy decides
-            finally:
-                os.close(out)
+            return plan(rfd, dfd, out)
+        except OSError:
+            # An unreadable old copy, a full stage: the whole-file copy decides, and what
+            # this file staged so far is dropped.
+            os.ftruncate(out, start)
+            os.lseek(out, start, os.SEEK_SET)
+            return None
         finally:
             os.close(dfd)
     finally:
         os.close(rfd)
-    if patch is None:
-        os.unlink(name, dir_fd=data_dir)
-        return None
-    return replace(patch, data=name)

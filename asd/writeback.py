@@ -2,9 +2,10 @@
 
 What changed is found by comparing a walk of the RAM side with the index saved at the last
 sync point (`asd.tree`, stored by `asd.index`); the disk side is never walked. In overlay
-mode only the upper layer is walked (`asd.upper`). Large files changed a little have only
-their changed blocks staged (`asd.patch`); the other changed files are copied by rsync into
-the journal's stage on the disk copy's file system. The stage is made durable with one
+mode only the upper layer is walked (`asd.upper`). A file that was there at the last sync
+point and changed in place has only its changed blocks staged (`asd.patch`); new files, and
+those a patch does not suit, are copied by rsync into the journal's stage on the disk copy's
+file system. The stage is made durable with one
 `syncfs` (one journal commit, where an fsync per file costs a commit each: ten times the
 bytes changed, for small files), then committed (`asd.journal`).
 """
@@ -24,7 +25,7 @@ from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
-from asd.patch import MIN_SIZE, Patch, stage_patches
+from asd.patch import Patch, stage_patches
 from asd.run import run
 from asd.tree import Changes, Index, diff, parent_of, with_links
 from asd.tree import index as tree_index
@@ -119,14 +120,14 @@ def _without(idx: Index, gone: set[str]) -> None:
 
 
 def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list[str]:
-    """Changed files worth comparing block by block (`asd.patch`): large, with no other
-    name in RAM, and neither new nor of another type (those are deletions too)."""
+    """Changed files that may be patched in place (`asd.patch`): regular files with no
+    other name in RAM, neither new nor of another type (those are deletions too)."""
     deleted = set(changes.deleted)
     overlay = upper.is_overlay(layout)
     out = []
     for rel in changes.files:
         entry = new.get(rel)
-        if entry is None or rel in deleted or entry[0] != stat.S_IFREG or entry[5] < MIN_SIZE:
+        if entry is None or rel in deleted or entry[0] != stat.S_IFREG:
             continue
         if upper.single_name(layout, rel) if overlay else entry[8] == 1:
             out.append(rel)

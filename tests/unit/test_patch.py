@@ -11,7 +11,7 @@ import pytest
 from asd import patch
 from asd.errors import SafetyError
 from asd.journal import Journal
-from asd.patch import BLOCK, MIN_SIZE, Patch
+from asd.patch import BLOCK, Patch
 from asd.tree import Changes
 
 KIB = 1024
@@ -96,12 +96,8 @@ def test_shrinking_and_growing_with_a_hole(pair: tuple[Path, Path, Path]) -> Non
 
 def test_copied_whole_instead(pair: tuple[Path, Path, Path], tmp_path: Path) -> None:
     ram, disk, out = pair
-    ram.write_bytes(body(1024 * KIB, seed=2))  # everything differs
+    ram.write_bytes(body(1024 * KIB, seed=2))  # everything differs: a replacement costs less
     assert planned(ram, disk, out) is None
-    small_ram, small_disk = tmp_path / "sr", tmp_path / "sd"
-    small_ram.write_bytes(b"a" * (MIN_SIZE - 1))
-    small_disk.write_bytes(b"b" * (MIN_SIZE - 1))
-    assert planned(small_ram, small_disk, out) is None
     ram.write_bytes(disk.read_bytes() + b"tail")
     os.link(disk, tmp_path / "other-name")
     assert planned(ram, disk, out) is None, "a disk file with another name was patched"
@@ -111,8 +107,37 @@ def test_copied_whole_instead(pair: tuple[Path, Path, Path], tmp_path: Path) -> 
     assert planned(ram, disk, out) is None, "an xattr change needs the whole-file copy"
 
 
+def test_small_files_are_patched_whole_and_share_one_data_file(tmp_path: Path) -> None:
+    """A small file rewritten costs less in place (its data twice) than replaced (a new inode,
+    the old one freed, two directory blocks); the patches of one resync share a data file,
+    and one abandoned half-way leaves nothing in it."""
+    out = tmp_path / "staged"
+    pairs = []
+    for i, (old, new) in enumerate(
+        [(b"a" * 3000, b"b" * 3500), (b"x" * 10_000, b""), (body(900 * KIB), body(900 * KIB, 3))]
+    ):
+        ram, disk = tmp_path / f"ram{i}", tmp_path / f"disk{i}"
+        ram.write_bytes(new)
+        disk.write_bytes(old)
+        pairs.append((ram, disk))
+    got = []
+    with open(out, "wb") as o:
+        for ram, disk in pairs:
+            with open(ram, "rb") as r, open(disk, "rb") as d:
+                got.append(patch.plan(r.fileno(), d.fileno(), o.fileno()))
+    first, second, third = got
+    assert first is not None and first.extents == ((0, 3500),) and first.data_offset == 0
+    assert second is not None and second.extents == () and second.data_offset == 3500
+    assert third is None
+    assert out.stat().st_size == 3500, "the abandoned patch left its blocks behind"
+    for (ram, disk), p in zip(pairs[:2], got[:2], strict=True):
+        assert p is not None
+        applied(disk, out, p)
+        assert disk.read_bytes() == ram.read_bytes()
+
+
 def test_records_round_trip_and_refuse_what_asd_did_not_write() -> None:
-    p = Patch(7, 100 * KIB, ((0, 4096), (8192, 100)), 0o640, 1, 2, 3, 4, "0")
+    p = Patch(100 * KIB, ((0, 4096), (8192, 100)), 0o640, 1, 2, 3, 4, "0", 12)
     assert Patch.from_record(p.to_record()) == p
     bad: list[dict[str, object]] = [
         {**p.to_record(), "size": -1},
@@ -122,6 +147,7 @@ def test_records_round_trip_and_refuse_what_asd_did_not_write() -> None:
         {**p.to_record(), "data": "../../etc/passwd"},
         {**p.to_record(), "mode": 0o170644},
         {**p.to_record(), "uid": "0"},
+        {**p.to_record(), "data_offset": -5},
     ]
     for record in bad:
         with pytest.raises((ValueError, TypeError)):
@@ -130,20 +156,22 @@ def test_records_round_trip_and_refuse_what_asd_did_not_write() -> None:
 
 def test_the_apply_refuses_a_file_that_was_swapped(pair: tuple[Path, Path, Path]) -> None:
     ram, disk, out = pair
-    with open(ram, "ab") as fh:
-        fh.write(b"more")
-    p = planned(ram, disk, out)
-    assert p is not None
     pfd = os.open(disk.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.replace(disk, disk.with_name("moved"))
         disk.symlink_to("/etc/passwd")
         with pytest.raises(SafetyError, match="no longer the file"):
-            patch.open_disk_file(pfd, disk.name, p, disk)
+            patch.open_disk_file(pfd, disk.name, disk)
         disk.unlink()
-        disk.write_bytes(ram.read_bytes()[:-4])  # same content, another inode
         with pytest.raises(SafetyError, match="no longer the file"):
-            patch.open_disk_file(pfd, disk.name, p, disk)
+            patch.open_disk_file(pfd, disk.name, disk)
+        os.link(disk.with_name("moved"), disk)  # a file with another name somewhere
+        with pytest.raises(SafetyError, match="no longer the file"):
+            patch.open_disk_file(pfd, disk.name, disk)
+        disk.unlink()
+        os.mkfifo(disk)
+        with pytest.raises(SafetyError, match="no longer the file"):
+            patch.open_disk_file(pfd, disk.name, disk)
     finally:
         os.close(pfd)
 
