@@ -490,7 +490,7 @@ def goals(results: dict[str, Any]) -> str:
             out.append(
                 f"{mode} {r['dataset']}: resync wrote {ratio:.2f}x the changed bytes, "
                 f"the next one {again:.2f}x (goal <= 1.5x; written without asd: {floor:.2f}x); "
-                "sync wrote {mib(r['sync']['disk_bytes'])} MiB, "
+                f"sync wrote {mib(r['sync']['disk_bytes'])} MiB, "
                 f"unsync {mib(r['unsync']['disk_bytes'])} MiB (goal <= 1 MiB each); "
                 f"unsync {r['unsync']['seconds']:.2f} s (goal <= 0.2 s)"
             )
