@@ -12,8 +12,17 @@ a rename is. Staged blocks are written twice (stage, then in place), so a patch 
 while that costs less than a replacement would: twice the blocks written at most the file's
 size plus `REPLACE_COST`.
 
-A file is patched only when, on both sides, it is a regular file with one name and the same
-extended attributes and ACLs; anything else is copied whole (rsync keeps hard links as links).
+After the commit point nothing may fail for want of space, since the disk copy would be left
+between two states: before it, the blocks the patch will write are reserved in the disk file
+(``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, which changes neither its size nor what it
+reads), and patches are made only on file systems that overwrite in place (`IN_PLACE`: ext2,
+3 and 4; btrfs, bcachefs and f2fs write elsewhere, and XFS's reflinked extents — what
+coreutils' cp makes by default — are copied on write). Owner changes are copied whole, so the
+apply's fchown cannot meet a quota either.
+
+A file is patched only when, on both sides, it is a regular file with one name, the same owner
+and the same extended attributes and ACLs; anything else is copied whole (rsync keeps hard
+links as links).
 One link on the disk side is what keeps overlay mode's lower layer unchanged: the lower tree
 hard-links the disk copy's files as they were at sync, so such a file has two links; one that
 a resync has already replaced has one and belongs to no layer. The apply checks again that
@@ -29,6 +38,7 @@ inode: a disk copy moved with cp or rsync while a commit was pending must still 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -48,6 +58,8 @@ CHUNK = 1 << 20
 # (measured by the benchmark: about 20-40 KiB per small file).
 REPLACE_COST = 32 * 1024
 DATA_NAME = "0"  # the one data file of a resync's patches
+IN_PLACE = frozenset({"ext2", "ext3", "ext4"})
+FALLOC_FL_KEEP_SIZE = 1
 O_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DATA_DIR = WORK_NAME  # inside the stage: a name rsync never stages (the target's .asd-work)
 
@@ -123,11 +135,15 @@ def _xattrs(fd: int) -> dict[str, bytes]:
 def plan(ram_fd: int, disk_fd: int, out_fd: int) -> Patch | None:
     """Compare the open RAM and disk files; append the RAM blocks that differ to ``out_fd``
     (at its current offset). None, with ``out_fd`` as it was, if the disk file is not
-    `eligible`, the RAM one is not a regular file, their xattrs differ, or so much differs
-    that a replacement costs less. That the RAM file has no other name is the caller's to
+    `eligible`, the RAM one is not a regular file, their owners or xattrs differ, or so much
+    differs that a replacement costs less. That the RAM file has no other name is the caller's to
     know (an overlay's merged view counts links of its own)."""
     ram, disk = os.fstat(ram_fd), os.fstat(disk_fd)
-    if not (stat.S_ISREG(ram.st_mode) and eligible(disk)) or _xattrs(ram_fd) != _xattrs(disk_fd):
+    if not (stat.S_ISREG(ram.st_mode) and eligible(disk)):
+        return None
+    if (ram.st_uid, ram.st_gid) != (disk.st_uid, disk.st_gid) or _xattrs(ram_fd) != _xattrs(
+        disk_fd
+    ):
         return None
     start = os.lseek(out_fd, 0, os.SEEK_CUR)
     limit = (max(ram.st_size, disk.st_size) + REPLACE_COST) // 2
@@ -178,6 +194,23 @@ def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
         view = view[n:]
         if offset is not None:
             offset += n
+
+
+def reserve(disk_fd: int, patch: Patch) -> None:
+    """Allocate the blocks ``patch`` will write in the disk file (holes, and past its end),
+    leaving its size and content as they are. ENOSPC here, before the commit point, means
+    the whole-file copy (which would need the space too) reports it."""
+    for offset, length in patch.extents:
+        if _fallocate(disk_fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# fallocate64 takes 64-bit offsets on 32-bit systems too (Raspberry Pi OS's armhf)
+_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
 
 
 def apply(disk_fd: int, data_fd: int, patch: Patch) -> None:
@@ -262,12 +295,15 @@ def _stage_one(
     if rfd is None:
         return None
     try:
-        dfd = _open_file(disk_root, rel, disk, os.O_RDONLY)
+        dfd = _open_file(disk_root, rel, disk, os.O_RDWR)  # for reserve(); nothing is written
         if dfd is None:
             return None
         start = os.lseek(out, 0, os.SEEK_CUR)
         try:
-            return plan(rfd, dfd, out)
+            patch = plan(rfd, dfd, out)
+            if patch is not None:
+                reserve(dfd, patch)
+            return patch
         except OSError:
             # An unreadable old copy, a full stage: the whole-file copy decides, and what
             # this file staged so far is dropped.

@@ -25,7 +25,8 @@ from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
-from asd.patch import Patch, stage_patches
+from asd.mounts import MountTable
+from asd.patch import IN_PLACE, Patch, stage_patches
 from asd.run import run
 from asd.tree import Changes, Index, diff, parent_of, with_links
 from asd.tree import index as tree_index
@@ -121,7 +122,10 @@ def _without(idx: Index, gone: set[str]) -> None:
 
 def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list[str]:
     """Changed files that may be patched in place (`asd.patch`): regular files with no
-    other name in RAM, neither new nor of another type (those are deletions too)."""
+    other name in RAM, neither new nor of another type (those are deletions too), on a disk
+    copy whose file system overwrites in place."""
+    if MountTable.read().holding(layout.backup).fstype not in IN_PLACE:
+        return []
     deleted = set(changes.deleted)
     overlay = upper.is_overlay(layout)
     out = []

@@ -11,6 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from asd.mounts import MountTable
+from asd.patch import IN_PLACE
 from tests.integration.conftest import World
 from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
@@ -80,6 +82,10 @@ def test_large_files_changed_a_little_are_patched_in_place(world: World) -> None
         "data/rewritten.bin": False,
         "holes.img": True,
     }
+    if MountTable.read().holding(world.disk).fstype not in IN_PLACE:
+        # A file system that writes elsewhere (btrfs, xfs reflinks) could run out of space
+        # after the commit point: nothing is patched there.
+        in_place = dict.fromkeys(in_place, False)
     if world.overlay:
         # At sync every disk file is also a lower-layer link: the first resync must copy
         # whole files; from then on the disk copy's files are asd's own, one link each.
@@ -106,5 +112,6 @@ def test_a_patch_never_writes_into_a_file_with_another_link(copy_world: World) -
     assert manifest(target) == in_ram
     assert os.lstat(target / "app.log").st_ino != before["app.log"], "a linked file was patched"
     assert os.lstat(target / "app.log").st_ino == os.lstat(target / "data/app.log.link").st_ino
-    assert os.lstat(target / "data/load.rrd").st_ino == before["data/load.rrd"]
+    if MountTable.read().holding(world.disk).fstype in IN_PLACE:
+        assert os.lstat(target / "data/load.rrd").st_ino == before["data/load.rrd"]
     world.asd("unsync", check=True)

@@ -209,3 +209,48 @@ def test_a_commit_interrupted_while_patching_rolls_forward(
         assert (disk / name).read_bytes() == (ram / name).read_bytes()
     assert not journal.record.exists()
     assert not journal.stage.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_an_owner_change_is_copied_whole(pair: tuple[Path, Path, Path]) -> None:
+    ram, disk, out = pair
+    with open(ram, "ab") as fh:
+        fh.write(b"more")
+    os.chown(ram, 1234, 1234)  # a patch's fchown could meet a quota after the commit point
+    assert planned(ram, disk, out) is None
+
+
+def test_the_blocks_a_patch_writes_are_reserved_before_the_commit(
+    pair: tuple[Path, Path, Path],
+) -> None:
+    ram, disk, out = pair
+    with open(ram, "ab") as fh:
+        fh.write(b"y" * 200 * KIB)
+    before = disk.read_bytes()
+    p = planned(ram, disk, out)
+    assert p is not None
+    blocks = disk.stat().st_blocks
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        patch.reserve(fd, p)
+    finally:
+        os.close(fd)
+    assert disk.read_bytes() == before, "reserving changed what the disk file holds"
+    assert disk.stat().st_blocks * 512 >= blocks * 512 + 200 * KIB
+
+
+def test_patches_only_where_the_file_system_overwrites_in_place(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from asd import writeback
+    from asd.layout import Instance
+    from asd.mounts import MountTable, parse_mountinfo
+
+    layout = Instance(Path("/etc/asd.conf"), tmp_path / "volatile").target(Path("/srv/t"))
+    changes = Changes((), ("app.log",), ())
+    new = {"app.log": (0o100000, 5, 0o100644, 0, 0, 9, 1, 1, 1, 0)}
+    for fstype, expected in (("ext4", ["app.log"]), ("btrfs", []), ("xfs", []), ("f2fs", [])):
+        line = f"20 1 8:1 / / rw,relatime shared:1 - {fstype} /dev/sda1 rw\n"
+        table = MountTable(parse_mountinfo(line))
+        monkeypatch.setattr(MountTable, "read", classmethod(lambda cls, t=table: t))
+        assert writeback.patch_candidates(layout, changes, new) == expected, fstype
