@@ -6,11 +6,13 @@ RAM copy) as root.
 - `parent_at(root_fd, parts, where)`, `open_dir_at(root_fd, rel, where)`, `exists_at`,
   `remove_at`: reach and change entries below an opened directory.
 - `rel_parts(rel)`: the components of a relative path a record names, refusing ``..`` and the like.
-- `fsync_fd`, `fsync_path`, `fsync_tree`, `remove_tree`, `named`: errors name the user's path.
+- `fsync_fd`, `fsync_path`, `fsync_tree`, `syncfs`, `remove_tree`, `named`: errors name the
+  user's path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -169,3 +171,14 @@ def open_dir_at(root_fd: int, rel: str, where: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def syncfs(fd: int, shown: Path) -> None:
+    """Flush the file system holding the open ``fd`` (``shown`` in messages): data and
+    metadata, in one journal commit, where an fsync per file costs a commit each."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(shown))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)

@@ -45,6 +45,7 @@ from asd.dirfd import (
     parent_at,
     rel_parts,
     remove_at,
+    syncfs,
 )
 from asd.dirmeta import O_DIR, dir_metadata_fd, set_dir_metadata_fd
 from asd.errors import SafetyError
@@ -171,7 +172,10 @@ class Journal:
             at = [""]
             try:
                 self._apply(wfd, dfd, deleted, dirs, files, at)
-                self._apply_patches(wfd, dfd, patches, at)
+                if patches:
+                    self._apply_patches(wfd, dfd, patches, at)
+                    # Durable before the record goes: one commit for all of them.
+                    syncfs(dfd, self.disk)
             except OSError as exc:
                 # Descriptor-relative calls only know the last name: say the whole path.
                 raise named(exc, self.disk / at[0]) from exc
@@ -184,8 +188,6 @@ class Journal:
     def _apply_patches(self, wfd: int, dfd: int, patches: dict[str, Patch], at: list[str]) -> None:
         """Write each patch's staged blocks into its file (after the renames, before the
         directory metadata: a patched file's directory is left as it is)."""
-        if not patches:
-            return
         with open_dir_at(wfd, f"stage/{PATCH_DATA}", self.work) as data_dir:
             for rel, patch in patches.items():
                 at[0] = rel

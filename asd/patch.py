@@ -12,13 +12,16 @@ a rename is. Staged blocks are written twice (stage, then in place), so a patch 
 while that costs less than a replacement would: twice the blocks written at most the file's
 size plus `REPLACE_COST`.
 
-After the commit point nothing may fail for want of space, since the disk copy would be left
-between two states: before it, the blocks the patch will write are reserved in the disk file
-(``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, which changes neither its size nor what it
-reads), and patches are made only on file systems that overwrite in place (`IN_PLACE`: ext2,
-3 and 4; btrfs, bcachefs and f2fs write elsewhere, and XFS's reflinked extents — what
-coreutils' cp makes by default — are copied on write). Owner changes are copied whole, so the
-apply's fchown cannot meet a quota either.
+Unlike a rename, writing a patch can need free space after the commit point (an append
+allocates blocks). Patches are therefore made only on file systems that overwrite in place
+(`IN_PLACE`: ext2, 3 and 4; btrfs, bcachefs and f2fs write elsewhere, and XFS's reflinked
+extents — what coreutils' cp makes by default — are copied on write), only while the disk has
+at least `SPACE_FACTOR` times what they write free to root (ext4's reserve for root included;
+nothing is reserved in the file itself beforehand: fallocate moves its mtime), and owner
+changes are copied whole (the apply's fchown cannot meet a quota). Should another root
+process fill the disk during the apply anyway, it stops with ENOSPC, the record stays, and the
+next resync or start rolls it forward once there is space: the staged blocks are kept until
+then, nothing is lost.
 
 A file is patched only when, on both sides, it is a regular file with one name, the same owner
 and the same extended attributes and ACLs; anything else is copied whole (rsync keeps hard
@@ -38,7 +41,6 @@ inode: a disk copy moved with cp or rsync while a commit was pending must still 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -59,7 +61,7 @@ CHUNK = 1 << 20
 REPLACE_COST = 32 * 1024
 DATA_NAME = "0"  # the one data file of a resync's patches
 IN_PLACE = frozenset({"ext2", "ext3", "ext4"})
-FALLOC_FL_KEEP_SIZE = 1
+SPACE_FACTOR = 4
 O_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DATA_DIR = WORK_NAME  # inside the stage: a name rsync never stages (the target's .asd-work)
 
@@ -196,25 +198,10 @@ def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
             offset += n
 
 
-def reserve(disk_fd: int, patch: Patch) -> None:
-    """Allocate the blocks ``patch`` will write in the disk file (holes, and past its end),
-    leaving its size and content as they are. ENOSPC here, before the commit point, means
-    the whole-file copy (which would need the space too) reports it."""
-    for offset, length in patch.extents:
-        if _fallocate(disk_fd, FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-# fallocate64 takes 64-bit offsets on 32-bit systems too (Raspberry Pi OS's armhf)
-_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
-
-
 def apply(disk_fd: int, data_fd: int, patch: Patch) -> None:
-    """Write ``patch`` into the open disk file; the same bytes again when rolling forward."""
+    """Write ``patch`` into the open disk file; the same bytes again when rolling forward.
+    Not flushed: the journal makes all patches durable at once (`asd.dirfd.syncfs`) before
+    it drops the record."""
     pos = patch.data_offset
     for offset, length in patch.extents:
         done = 0
@@ -229,7 +216,6 @@ def apply(disk_fd: int, data_fd: int, patch: Patch) -> None:
     os.fchown(disk_fd, patch.uid, patch.gid)
     os.chmod(disk_fd, patch.mode)  # after chown, which clears set-id bits
     os.utime(disk_fd, ns=(patch.atime_ns, patch.mtime_ns))
-    os.fsync(disk_fd)
 
 
 def open_disk_file(pfd: int, name: str, shown: Path) -> int:
@@ -282,6 +268,10 @@ def stage_patches(ram: Path, disk: Path, rels: Iterable[str], stage_fd: int) -> 
             patch = _stage_one(ram_root, disk_root, rel, out, ram, disk)
             if patch is not None:
                 patches[rel] = patch
+        vfs = os.fstatvfs(disk_root)
+        if sum(p.written for p in patches.values()) * SPACE_FACTOR > vfs.f_bfree * vfs.f_frsize:
+            os.ftruncate(out, 0)  # too little room to be sure the apply finds it: copy whole
+            patches = {}
     finally:
         for fd in (ram_root, disk_root, out):
             os.close(fd)
@@ -295,15 +285,12 @@ def _stage_one(
     if rfd is None:
         return None
     try:
-        dfd = _open_file(disk_root, rel, disk, os.O_RDWR)  # for reserve(); nothing is written
+        dfd = _open_file(disk_root, rel, disk, os.O_RDONLY)
         if dfd is None:
             return None
         start = os.lseek(out, 0, os.SEEK_CUR)
         try:
-            patch = plan(rfd, dfd, out)
-            if patch is not None:
-                reserve(dfd, patch)
-            return patch
+            return plan(rfd, dfd, out)
         except OSError:
             # An unreadable old copy, a full stage: the whole-file copy decides, and what
             # this file staged so far is dropped.

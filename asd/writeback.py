@@ -12,7 +12,6 @@ bytes changed, for small files), then committed (`asd.journal`).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import stat
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import index, rsync, upper
+from asd.dirfd import syncfs
 from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
@@ -91,17 +91,6 @@ def compare(layout: TargetLayout) -> tuple[Index, Index, Changes]:
 def pending(layout: TargetLayout) -> Changes:
     """What a resync would write now (read-only; used by --dry-run and parse)."""
     return compare(layout)[2]
-
-
-def syncfs(fd: int, shown: Path) -> None:
-    """Flush the file system holding the open ``fd`` (``shown`` in messages): data and
-    metadata, in one journal commit."""
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(shown))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _without(idx: Index, gone: set[str]) -> None:

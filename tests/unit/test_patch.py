@@ -220,23 +220,31 @@ def test_an_owner_change_is_copied_whole(pair: tuple[Path, Path, Path]) -> None:
     assert planned(ram, disk, out) is None
 
 
-def test_the_blocks_a_patch_writes_are_reserved_before_the_commit(
-    pair: tuple[Path, Path, Path],
+def test_no_patches_when_the_disk_is_nearly_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ram, disk, out = pair
-    with open(ram, "ab") as fh:
-        fh.write(b"y" * 200 * KIB)
-    before = disk.read_bytes()
-    p = planned(ram, disk, out)
-    assert p is not None
-    blocks = disk.stat().st_blocks
-    fd = os.open(disk, os.O_RDWR)
-    try:
-        patch.reserve(fd, p)
-    finally:
-        os.close(fd)
-    assert disk.read_bytes() == before, "reserving changed what the disk file holds"
-    assert disk.stat().st_blocks * 512 >= blocks * 512 + 200 * KIB
+    """An append allocates blocks after the commit point: with less than SPACE_FACTOR times
+    the patches' bytes free, every file is copied whole (which fails before the commit)."""
+    ram, disk = tmp_path / "ram", tmp_path / "disk"
+    ram.mkdir()
+    disk.mkdir()
+    (ram / "log").write_bytes(b"x" * 100 * KIB + b"y" * 40 * KIB)
+    (disk / "log").write_bytes(b"x" * 100 * KIB)
+    journal = Journal(disk)
+    with journal.new_stage() as stage:
+        assert list(patch.stage_patches(ram, disk, ["log"], stage)) == ["log"]
+    real = os.fstatvfs
+
+    def nearly_full(fd: int) -> os.statvfs_result:
+        v = real(fd)
+        free = (40 * KIB * patch.SPACE_FACTOR - 1) // v.f_frsize
+        return os.statvfs_result((v.f_bsize, v.f_frsize, v.f_blocks, free, *v[4:]))
+
+    monkeypatch.setattr(os, "fstatvfs", nearly_full)
+    with journal.new_stage() as stage:
+        assert patch.stage_patches(ram, disk, ["log"], stage) == {}
+        data = journal.stage / patch.DATA_DIR / patch.DATA_NAME
+        assert data.stat().st_size == 0, "the abandoned patches' blocks were left staged"
 
 
 def test_patches_only_where_the_file_system_overwrites_in_place(
