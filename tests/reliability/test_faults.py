@@ -196,6 +196,56 @@ def test_eio_renaming_into_place_after_the_commit_point(synced: Synced) -> None:
     )
 
 
+def patched_next(synced: Synced) -> Path:
+    """Resync once (in overlay mode that replaces app.log, which the lower layer links), then
+    append to app.log again: the next resync patches it in place (`asd.patch`)."""
+    world = synced.world
+    world.asd("resync", check=True)
+    world.sh(f"echo 'written after the first resync' >> {synced.target}/app.log")
+    synced.disk_before, synced.ram_before = synced.disk(), synced.ram()
+    return synced.layout.backup / "app.log"
+
+
+def test_enospc_writing_a_patch_after_the_commit_point(synced: Synced) -> None:
+    """A patch can need space after the commit point (an append allocates blocks). The apply
+    stops, the record and the staged blocks stay, and the next resync rolls it forward."""
+    disk_file = patched_next(synced)
+    prefix = strace(
+        "-P", str(disk_file), "-e", "trace=pwrite64", "-e", "inject=pwrite64:error=ENOSPC"
+    )
+    proc = synced.world.asd("resync", prefix=prefix)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "app.log" in proc.stderr and "No space left" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert synced.ram() == synced.ram_before
+    assert synced.world.sh(f"ls {synced.layout.commit_record}", check=False).returncode == 0
+    synced.recovers()
+    record(
+        "faults", f"ENOSPC writing a patch after the commit point ({mode(synced.world)})", "passed"
+    )
+
+
+def test_eio_reading_the_disk_file_a_patch_compares_with(synced: Synced) -> None:
+    """The disk copy's old version cannot be read: no patch, the file is copied whole (a new
+    inode, where a patch keeps it)."""
+    disk_file = patched_next(synced)
+
+    def inode() -> str:
+        return synced.world.run(["stat", "-c", "%i", str(disk_file)], check=True).stdout
+
+    before = inode()
+    prefix = strace("-P", str(disk_file), "-e", "trace=pread64", "-e", "inject=pread64:error=EIO")
+    proc = synced.world.asd("resync", prefix=prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert inode() != before, "app.log was not copied whole"
+    assert synced.disk() == synced.ram() == synced.ram_before
+    record(
+        "faults",
+        f"EIO reading the disk file a patch compares with ({mode(synced.world)})",
+        "passed",
+    )
+
+
 def test_commit_record_cannot_be_written(synced: Synced) -> None:
     """ENOSPC writing the commit record: nothing committed, nothing changed."""
     tmp = synced.layout.disk_work / ".commit.json.tmp"
