@@ -8,10 +8,9 @@ block (reading both, writing nothing), stages only the blocks that differ — al
 one resync in one data file — and the journal's apply writes them into the disk file in
 place. Writing the same blocks again gives the same file, so rolling a commit forward after a
 crash is idempotent, as a rename is. Staged blocks are written twice (stage, then in place),
-so a patch is taken only while at most half of the file is written. (Small files rewritten
-whole are renamed: the benchmark measured patching them in place as no cheaper on ext4 —
-12 MiB either way for 500 changes among 50 000 small files, 16 MiB with an fsync per
-patched file.)
+so a patch is taken only while at most half of the file is written. (Small files rewritten whole are renamed: the
+benchmark measured patching them in place as no cheaper on ext4 — 12 MiB either way for 500
+changes among 50 000 small files, 16 MiB with an fsync per patched file.)
 
 Unlike a rename, writing a patch can need free space after the commit point (an append
 allocates blocks). Patches are therefore made only on file systems that overwrite in place
