@@ -3,9 +3,9 @@
 What changed is found by comparing a walk of the RAM side with the index saved at the last
 sync point (`asd.tree`, stored by `asd.index`); the disk side is never walked. In overlay
 mode only the upper layer is walked (`asd.upper`). A file that was there at the last sync
-point and of which at most half changed has only its changed blocks staged (`asd.patch`);
-new files, and those a patch does not suit, are copied by rsync into the journal's stage on
-the disk copy's file system. The stage is made durable with one
+point and changed in place has only its changed blocks staged (`asd.patch`); new files, and
+those a patch does not suit, are copied by rsync into the journal's stage on the disk copy's
+file system. The stage is made durable with one
 `syncfs` (one journal commit, where an fsync per file costs a commit each: ten times the
 bytes changed, for small files), then committed (`asd.journal`).
 """

@@ -107,13 +107,15 @@ def test_copied_whole_instead(pair: tuple[Path, Path, Path], tmp_path: Path) -> 
     assert planned(ram, disk, out) is None, "an xattr change needs the whole-file copy"
 
 
-def test_patches_share_one_data_file(tmp_path: Path) -> None:
-    """The patches of one resync share a data file, and one abandoned half-way (more than
-    half of the file differs) leaves nothing in it."""
+def test_small_files_are_patched_whole_and_share_one_data_file(tmp_path: Path) -> None:
+    """A small file rewritten costs less in place (its data twice) than replaced (a new inode,
+    the old one freed, two directory blocks); the patches of one resync share a data file,
+    and one abandoned half-way leaves nothing in it."""
     out = tmp_path / "staged"
-    old = body(100 * KIB)
     pairs = []
-    for i, new in enumerate([old[:4096] + b"!" * 3500 + old[7596:], b"", body(100 * KIB, 3)]):
+    for i, (old, new) in enumerate(
+        [(b"a" * 3000, b"b" * 3500), (b"x" * 10_000, b""), (body(900 * KIB), body(900 * KIB, 3))]
+    ):
         ram, disk = tmp_path / f"ram{i}", tmp_path / f"disk{i}"
         ram.write_bytes(new)
         disk.write_bytes(old)
@@ -124,10 +126,10 @@ def test_patches_share_one_data_file(tmp_path: Path) -> None:
             with open(ram, "rb") as r, open(disk, "rb") as d:
                 got.append(patch.plan(r.fileno(), d.fileno(), o.fileno()))
     first, second, third = got
-    assert first is not None and first.extents == ((4096, 4096),) and first.data_offset == 0
-    assert second is not None and second.extents == () and second.data_offset == 4096
+    assert first is not None and first.extents == ((0, 3500),) and first.data_offset == 0
+    assert second is not None and second.extents == () and second.data_offset == 3500
     assert third is None
-    assert out.stat().st_size == 4096, "the abandoned patch left its blocks behind"
+    assert out.stat().st_size == 3500, "the abandoned patch left its blocks behind"
     for (ram, disk), p in zip(pairs[:2], got[:2], strict=True):
         assert p is not None
         applied(disk, out, p)
