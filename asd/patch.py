@@ -10,7 +10,9 @@ file — and the journal's apply writes them into the disk file in place. Writin
 blocks again gives the same file, so rolling a commit forward after a crash is idempotent, as
 a rename is. Staged blocks are written twice (stage, then in place), so a patch is taken only
 while that costs less than a replacement would: twice the blocks written at most the file's
-size plus `REPLACE_COST`.
+size plus `REPLACE_COST`. (For small files rewritten whole the benchmark measured the two as
+equal when the changes are dense — 12 MiB for 500 changes among 50 000 files — and patching
+25 % cheaper when they are spread out: 15 against 20 MiB among 200 000.)
 
 Unlike a rename, writing a patch can need free space after the commit point (an append
 allocates blocks). Patches are therefore made only on file systems that overwrite in place
