@@ -3,10 +3,12 @@
 What asd can promise while a program keeps writing, and what these tests check:
 
 - per file: asd copies each changed file with rsync from RAM into a stage and renames it into
-  place, so a file a program replaces atomically (write a temporary file, rename it over the
-  old one: what browsers, sqlite's journal and most config writers do) is on disk as one of
-  the versions it had while the resync ran — never torn, never a mix. An append-only log is a
-  prefix of whole lines (tmpfs never shows a reader bytes past the size a write has reached).
+  place, or stages the blocks that differ, read from one open RAM file, and writes them in
+  place (`asd.patch`), so a file a program replaces atomically (write a temporary file, rename
+  it over the old one: what browsers, sqlite's journal and most config writers do) is on disk
+  as one of the versions it had while the resync ran — never torn, never a mix. An
+  append-only log is a prefix of whole lines (tmpfs never shows a reader bytes past the size a
+  write has reached).
 - a name the program had deleted (or renamed away) before the resync started, and did not
   touch again while it ran, is gone from disk; one it left alone holds exactly its content.
 - not promised: the tree as a whole at one instant. rsync reads the files one after another
