@@ -121,15 +121,16 @@ def strace(*args: str) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("fault", ["EIO", "EACCES"])
 def test_rsync_cannot_read_one_ram_file(synced: Synced, fault: str) -> None:
-    """The RAM copy's docs/a.txt cannot be read (EIO) or opened (EACCES) by rsync."""
-    ram_file = synced.layout.ram_copy / "docs" / "a.txt"
+    """The RAM copy's new/tree/file cannot be read (EIO) or opened (EACCES) by rsync. (A new
+    file: one changed in place, like docs/a.txt, is read by asd itself for a patch.)"""
+    ram_file = synced.layout.ram_copy / "new" / "tree" / "file"
     call = "read" if fault == "EIO" else "openat"
     # rsync reads through descriptors (matched by their path) and opens names relative to a
-    # directory descriptor (`openat(4, "a.txt")`, matched literally).
-    inject = f"exec strace -f -o /dev/null -P {ram_file} -P a.txt -e trace={call} "
+    # directory descriptor (`openat(4, "file")`, matched literally).
+    inject = f"exec strace -f -o /dev/null -P {ram_file} -P file -e trace={call} "
     inject += f'-e inject={call}:error={fault} {real("rsync")} "$@"'
     proc = synced.world.asd("resync", env=tools(synced.world, wrap={"rsync": inject}))
-    synced.failed_cleanly(proc, "a.txt")
+    synced.failed_cleanly(proc, "new/tree/file")
     synced.recovers()
     record(
         "faults", f"{fault} on one RAM file, resync (rsync {call}) ({mode(synced.world)})", "passed"
@@ -137,9 +138,9 @@ def test_rsync_cannot_read_one_ram_file(synced: Synced, fault: str) -> None:
 
 
 def acl_read_fails(world: World, fault: str) -> dict[str, str]:
-    """rsync's sender gets ``fault`` reading the ACL of docs/a.txt (after listing it): what
+    """rsync's sender gets ``fault`` reading the ACL of new/tree/file (after listing it): what
     a file deleted in between looks like, when ``fault`` is ENOENT."""
-    inject = "exec strace -f -o /dev/null -P docs/a.txt -e trace=getxattr "
+    inject = "exec strace -f -o /dev/null -P new/tree/file -e trace=getxattr "
     inject += f'-e inject=getxattr:error={fault} {real("rsync")} "$@"'
     return tools(world, wrap={"rsync": inject})
 
@@ -153,9 +154,9 @@ def test_a_file_gone_before_rsync_reads_its_acl(synced: Synced) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "1 vanished while copying" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     disk = synced.disk()
-    assert "docs/a.txt" not in disk
-    rest = {k: v for k, v in disk.items() if k != "docs/a.txt"}
-    assert rest == {k: v for k, v in synced.ram_before.items() if k != "docs/a.txt"}
+    assert "new/tree/file" not in disk
+    rest = {k: v for k, v in disk.items() if k != "new/tree/file"}
+    assert rest == {k: v for k, v in synced.ram_before.items() if k != "new/tree/file"}
     assert synced.ram() == synced.ram_before
     synced.recovers()
     record("faults", f"a file gone before rsync reads its ACL ({mode(synced.world)})", "passed")
@@ -163,17 +164,17 @@ def test_a_file_gone_before_rsync_reads_its_acl(synced: Synced) -> None:
 
 def test_eio_reading_a_ram_files_acl_is_no_vanish(synced: Synced) -> None:
     proc = synced.world.asd("resync", env=acl_read_fails(synced.world, "EIO"))
-    synced.failed_cleanly(proc, "docs/a.txt", "Input/output error")
+    synced.failed_cleanly(proc, "new/tree/file", "Input/output error")
     synced.recovers()
     record("faults", f"EIO reading one RAM file's ACL ({mode(synced.world)})", "passed")
 
 
 def test_eio_from_fsync_of_a_staged_file(synced: Synced) -> None:
     """The disk reports lost writes at fsync (how write-back errors reach programs)."""
-    staged = synced.layout.stage / "docs" / "a.txt"
+    staged = synced.layout.stage / "new" / "tree" / "file"
     prefix = strace("-P", str(staged), "-e", "trace=fsync", "-e", "inject=fsync:error=EIO")
     proc = synced.world.asd("resync", prefix=prefix)
-    synced.failed_cleanly(proc, "docs/a.txt", "Input/output error")
+    synced.failed_cleanly(proc, "new/tree/file", "Input/output error")
     synced.recovers()
     record("faults", f"EIO from fsync of a staged file (asd) ({mode(synced.world)})", "passed")
 

@@ -255,7 +255,9 @@ def test_journal_swapped_for_a_symlink_while_resync_stages(world: World) -> None
     world.write_conf(target)
     world.asd("sync", check=True)
     backup = target.parent / ".t-backup_asd"
-    world.sh(f"echo changed > {target}/docs/a.txt")
+    # a.txt changed in place is patched by asd itself (through the stage's descriptor); the
+    # new file is rsync's, which is held at its start
+    world.sh(f"echo changed > {target}/docs/a.txt && echo new > {target}/docs/new.txt")
     rsync_path = world.sh("command -v rsync").stdout.strip()
     # hold rsync's start 3 s (the window between making the stage and filling it, made wide)
     hold: tuple[str, ...] = ("strace", "-f", "-o", "/dev/null", "-P", rsync_path)
@@ -279,6 +281,7 @@ def test_journal_swapped_for_a_symlink_while_resync_stages(world: World) -> None
     assert manifest(d) == before, f"asd wrote into {d} through the user's symlinks"
     assert_canaries(f, d)
     assert world.sh(f"cat {target}/docs/a.txt").stdout == "changed\n", "RAM data lost"
+    assert world.sh(f"cat {target}/docs/new.txt").stdout == "new\n", "RAM data lost"
     # Either outcome is safe: the resync completes through its descriptors, or it refuses
     # the swapped journal directory when it comes to commit. (rsync 3.4+ also refuses a
     # symlink in its destination path; asd does not rely on that: rsync gets the stage as
