@@ -207,7 +207,7 @@ def act(command: str, args: argparse.Namespace, engine: Engine, out: Output) -> 
     elif command == "resync":
         for result in engine.resync():
             out.say(result.describe())
-            for rel in result.vanished:
+            for rel in getattr(result, "vanished", ()):
                 out.warn(f"{result.target / rel} vanished while it was being copied")
     elif command == "unsync":
         for target in engine.unsync(force=args.force):

@@ -4,9 +4,12 @@ For a target ``/foo/bar`` and the default config:
 
 - ``/foo/.bar-backup_asd``          the disk copy, bind-mounted beside the target (upstream's name)
 - ``VOLATILE/asd-root/foo/bar``     the RAM copy (copy mode) or the overlay's merged view
-- ``VOLATILE/asd-root/.overlay/foo/bar/{upper,work}``  overlay mode's RAM layers
+- ``VOLATILE/asd-root/.overlay/foo/bar/{upper,work}``  overlay mode's RAM layers; after the
+                                    n-th time they were given back (`asd.shrink`),
+                                    ``upper.n`` and ``work.n``, the number in ``generation``
 - ``<disk copy>/.asd-work/``        asd's journal inside the disk copy: session marker, staged
-                                    files of a resync, commit record, overlay mode's lower tree.
+                                    files of a resync, commit record, overlay mode's lower tree
+                                    and, after a shrink, its delta ``delta.n`` over that tree.
                                     Hidden under the RAM copy while asd runs; removed by a clean
                                     stop or by the recovery at the next start.
 - ``/run/asd/<instance>.json`` and ``.lock``   run state and lock
@@ -77,6 +80,7 @@ class Instance:
 class TargetLayout:
     instance: Instance
     target: Path
+    generation: int = 0  # overlay mode: how many times the RAM layer was replaced
 
     @property
     def _rel(self) -> Path:
@@ -94,13 +98,26 @@ class TargetLayout:
     def overlay_dir(self) -> Path:
         return self.instance.ram_root / ".overlay" / self._rel
 
+    def _numbered(self, name: str) -> str:
+        return f"{name}.{self.generation}" if self.generation else name
+
     @property
     def upper(self) -> Path:
-        return self.overlay_dir / "upper"
+        return self.overlay_dir / self._numbered("upper")
 
     @property
     def overlay_work(self) -> Path:
-        return self.overlay_dir / "work"
+        return self.overlay_dir / self._numbered("work")
+
+    @property
+    def generation_file(self) -> Path:
+        """Which generation of the RAM layer is mounted (absent: the first, 0)."""
+        return self.overlay_dir / "generation"
+
+    @property
+    def baseline(self) -> Path:
+        """The index of the upper layer that this generation's delta was built from."""
+        return self.overlay_dir / f"baseline.{self.generation}"
 
     @property
     def disk_work(self) -> Path:
@@ -122,6 +139,17 @@ class TargetLayout:
     @property
     def lower(self) -> Path:
         return self.disk_work / "lower"
+
+    @property
+    def delta(self) -> Path:
+        """What changed between the lower tree and the disk copy when this generation began:
+        hard links to the disk copy's files, whiteouts, opaque directories."""
+        return self.disk_work / f"delta.{self.generation}"
+
+    @property
+    def lowers(self) -> list[Path]:
+        """The overlay's lower layers, topmost first."""
+        return [self.delta, self.lower] if self.generation else [self.lower]
 
     @property
     def index_file(self) -> Path:

@@ -116,6 +116,26 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
+def overlay_layers(mount: Mount) -> tuple[list[str], str | None]:
+    """The lower directories and the upper directory of an overlay mount."""
+    lower: list[str] = []
+    upper = None
+    for option in mount.super_options:
+        key, _, value = option.partition("=")
+        value = unescape(value)  # mountinfo's octal escapes; overlay's own `\:` remain
+        if key in ("lowerdir", "lowerdir+", "datadir+"):
+            parts = re.split(r"(?<!\\):+", value)
+            lower += [re.sub(r"\\(.)", r"\1", p) for p in parts if p]
+        elif key == "upperdir":
+            upper = re.sub(r"\\(.)", r"\1", value)
+    return lower, upper
+
+
+def is_layer_of(mount: Mount | None, upper: str) -> bool:
+    """Whether ``mount`` shows the overlay whose upper layer is the directory ``upper``."""
+    return mount is not None and mount.fstype == "overlay" and overlay_layers(mount)[1] == upper
+
+
 class MountTable:
     """A snapshot of the mount table; answers which mount holds a path."""
 
@@ -128,9 +148,19 @@ class MountTable:
             return cls(parse_mountinfo(fh.read()))
 
     def at(self, mountpoint: Path | str) -> list[Mount]:
-        """Every mount stacked at exactly this mount point, bottom first."""
+        """Every mount stacked at exactly this mount point, bottom first. By parent, not by
+        line order: a mount attached beneath another (`asd.mountapi`) is listed after it."""
         mp = os.path.normpath(str(mountpoint))
-        return [m for m in self.mounts if m.mountpoint == mp]
+        stacked = [m for m in self.mounts if m.mountpoint == mp]
+        ids = {m.mount_id for m in stacked}
+        by_parent = {m.parent_id: m for m in stacked}
+        bottom = [m for m in stacked if m.parent_id not in ids]
+        if len(bottom) != 1:
+            return stacked
+        ordered = bottom
+        while ordered[-1].mount_id in by_parent and len(ordered) < len(stacked):
+            ordered.append(by_parent[ordered[-1].mount_id])
+        return ordered
 
     def top_at(self, mountpoint: Path | str) -> Mount | None:
         stacked = self.at(mountpoint)

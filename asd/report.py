@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asd import snapshots, tree
+from asd import snapshots, tree, upper
 from asd.config import Config
 from asd.disks import human_size
 from asd.errors import CommandError
@@ -38,6 +38,7 @@ class TargetReport:
     mode: str = ""
     size_bytes: int | None = None
     overlay_upper_bytes: int | None = None
+    ram_given_back: str | None = None
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     device: dict[str, Any] | None = None
@@ -49,7 +50,7 @@ class TargetReport:
 def target_report(
     instance: Instance, config: Config, target: Path, state: RunState | None, table: MountTable
 ) -> TargetReport:
-    layout = instance.target(target)
+    layout = upper.current(instance.target(target))
     in_ram = state is not None and str(target) in state.actions and table.is_mountpoint(target)
     rep = TargetReport(str(target), str(layout.backup), str(layout.ram_copy), in_ram)
     try:
@@ -66,6 +67,8 @@ def target_report(
             rep.overlay_upper_bytes = tree.disk_usage(layout.upper)
     except OSError as exc:
         rep.warnings.append(f"cannot measure {target}: {exc.strerror}")
+    if in_ram and state is not None and str(target) in state.ram:
+        rep.ram_given_back = state.ram[str(target)]
     rep.snapshots = [s.to_json() for s in snapshots.list_snapshots(target)]
     return rep
 
@@ -181,6 +184,8 @@ def render_text(doc: dict[str, Any]) -> str:
             lines.append(f"  size:       {human_size(t['size_bytes'])}")
         if t["overlay_upper_bytes"] is not None:
             lines.append(f"  overlay upper size: {human_size(t['overlay_upper_bytes'])}")
+        if t.get("ram_given_back"):
+            lines.append(f"  last resync: {t['ram_given_back']}")
         if t["waits_for"]:
             lines.append(f"  waits for:  {t['waits_for']}")
         if t["device_summary"]:

@@ -31,7 +31,14 @@ from asd.disks import (
     overall_kind,
     overall_rotational,
 )
-from asd.mounts import NETWORK_FSTYPES, PSEUDO_FSTYPES, RAM_FSTYPES, Mount, MountTable, unescape
+from asd.mounts import (
+    NETWORK_FSTYPES,
+    PSEUDO_FSTYPES,
+    RAM_FSTYPES,
+    Mount,
+    MountTable,
+    overlay_layers,
+)
 
 MAX_DEPTH = 12  # loop on a file on a loop on ...; real stacks are 3 or 4 deep
 
@@ -69,21 +76,6 @@ def _is_network(mount: Mount) -> bool:
     return mount.fstype.startswith("fuse") and bool(
         re.match(r"[\w.@-]+:", mount.source) or mount.source.startswith("//")
     )
-
-
-def overlay_layers(mount: Mount) -> tuple[list[str], str | None]:
-    """The lower directories and the upper directory of an overlay mount."""
-    lower: list[str] = []
-    upper = None
-    for option in mount.super_options:
-        key, _, value = option.partition("=")
-        value = unescape(value)  # mountinfo's octal escapes; overlay's own `\:` remain
-        if key in ("lowerdir", "lowerdir+", "datadir+"):
-            parts = re.split(r"(?<!\\):+", value)
-            lower += [re.sub(r"\\(.)", r"\1", p) for p in parts if p]
-        elif key == "upperdir":
-            upper = re.sub(r"\\(.)", r"\1", value)
-    return lower, upper
 
 
 class _Walk:

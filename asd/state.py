@@ -69,6 +69,8 @@ class RunState:
     status: str  # "syncing", "synced", "unsyncing"
     config: dict[str, Any]
     actions: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    # Overlay mode: what the last resync did with each target's RAM layer (`asd.shrink`).
+    ram: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
@@ -78,6 +80,7 @@ class RunState:
             "status": self.status,
             "config": self.config,
             "actions": self.actions,
+            "ram": self.ram,
             "started": self.started,
             "pid": self.pid,
         }
@@ -90,6 +93,7 @@ class RunState:
             status=str(data["status"]),
             config=dict(data["config"]),
             actions={k: list(v) for k, v in data.get("actions", {}).items()},
+            ram={str(k): str(v) for k, v in data.get("ram", {}).items()},
             started=float(data.get("started", 0.0)),
             pid=int(data.get("pid", 0)),
         )

@@ -48,6 +48,7 @@ class Step:
             "overlay": f"mount an overlay at {self.path} (lower {self.source}, upper in RAM)",
             "index": f"record the state of {self.path} as the first sync point",
             "bind-target": f"bind-mount the RAM copy {self.source} over {self.path}",
+            "beneath": f"attach the next overlay (upper {self.source}) beneath {self.path}",
         }[self.kind]
 
     def to_json(self) -> dict[str, str]:
@@ -213,6 +214,10 @@ def undo(step: Step, *, lazy: bool = False) -> None:
     path = Path(step.path)
     if step.kind in ("bind-backup", "overlay", "bind-target"):
         if MountTable.read().is_mountpoint(path):
+            run(mounts.umount(path, lazy=lazy))
+    elif step.kind == "beneath":
+        # Only that overlay, once the one above it is gone: never a mount of the user's.
+        if mounts.is_layer_of(MountTable.read().top_at(path), step.source):
             run(mounts.umount(path, lazy=lazy))
     elif step.kind in ("ram-dir", "lower"):
         run(coreutils.remove_tree(path))

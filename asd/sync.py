@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from asd import devices, steps, tree
+from asd import devices, shrink, steps, tree, upper
 from asd.config import Config
 from asd.disks import human_size
 from asd.errors import SafetyError, StateError
@@ -40,7 +40,8 @@ class Engine:
         self.warn = warn
 
     def layout(self, target: Path | str) -> TargetLayout:
-        return self.instance.target(Path(target))
+        """The target's paths, at the generation of its RAM layer now mounted."""
+        return upper.current(self.instance.target(Path(target)))
 
     # ----- undo -------------------------------------------------------------------------
     def undo_step(self, step: Step, *, lazy: bool = False) -> None:
@@ -193,9 +194,30 @@ class Engine:
         self.config = Config.from_json(state.config)
         return state
 
-    def resync(self) -> list[WriteBack]:
+    def resync(self) -> list[WriteBack | shrink.Shrink]:
+        """Write every target back; in overlay mode, then give its upper layer's RAM back."""
         state = self.running_state()
-        return [resync_target(self.layout(t)) for t in state.actions if self.complete(state, t)]
+        results: list[WriteBack | shrink.Shrink] = []
+        for target in [t for t in state.actions if self.complete(state, t)]:
+            self.finish_switch(state, target)
+            layout = self.layout(target)
+            results.append(resync_target(layout))
+            if upper.is_overlay(layout):
+                done = shrink.shrink_target(layout, state, self.store)
+                state.ram[target] = done.describe()
+                self.store.save(state)
+                results.append(done)
+        return results
+
+    def finish_switch(self, state: RunState, target: str) -> None:
+        """A switch to the next RAM layer that an earlier run left waiting: finish it first,
+        so that what is written back is what the target shows."""
+        if shrink.pending_step(state, target) is not None:
+            done = shrink.resume(self.layout(target), state, self.store)
+            state.ram[target] = done.describe()
+            self.store.save(state)
+            if done.outcome != "done":
+                self.warn(done.describe())
 
     # ----- unsync -----------------------------------------------------------------------
     def unsync(self, *, force: bool) -> list[str]:
@@ -203,6 +225,7 @@ class Engine:
         self.reconcile(state)
         held: dict[str, list[Holder]] = {}
         for target in list(state.actions):
+            self.finish_switch(state, target)
             layout = self.layout(target)
             self.say(resync_target(layout).describe())
             held[target] = holders([layout.target, layout.ram_copy])

@@ -24,6 +24,7 @@ Three things the upper layer alone does not say, handled here:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -53,6 +54,24 @@ REDIRECT_XATTR = "trusted.overlay.redirect"
 def is_overlay(layout: TargetLayout) -> bool:
     """Overlay mode's session: the RAM copy is an overlay whose upper layer exists."""
     return os.path.isdir(layout.upper)
+
+
+def current(layout: TargetLayout) -> TargetLayout:
+    """``layout`` at the generation of the RAM layer now mounted (`asd.shrink`)."""
+    try:
+        generation = int(layout.generation_file.read_text())
+    except (OSError, ValueError):
+        generation = 0
+    return dataclasses.replace(layout, generation=generation)
+
+
+def lower_entry(layout: TargetLayout, rel: str) -> Path:
+    """Where the merged view's ``rel`` comes from below the upper layer: the delta of this
+    generation if it has the name, else the lower tree."""
+    for layer in layout.lowers[:-1]:
+        if os.path.lexists(layer / rel):
+            return layer / rel
+    return layout.lowers[-1] / rel
 
 
 def _dir_flags(path: str) -> int:
@@ -92,18 +111,19 @@ def upper_index(layout: TargetLayout) -> Index:
 
 def _may_have_other_names(layout: TargetLayout, rel: str) -> bool:
     """Whether a copied-up file may have names elsewhere in the merged view. Every lower file
-    has two links (the disk copy's name and the lower tree's), so index=on indexes every
-    copy-up; other names exist only when the origin has more. Without an origin the file
-    never came from the lower layer and all its names are in the upper one."""
+    has two links (the disk copy's name and the lower tree's, or the delta's), so index=on
+    indexes every copy-up; other names exist only when the origin has more. Without an
+    origin the file never came from the lower layer and all its names are in the upper one."""
     try:
         origin = os.getxattr(layout.upper / rel, ORIGIN_XATTR, follow_symlinks=False)
     except OSError:
         return False
+    below = lower_entry(layout, rel)
     try:
-        st = os.lstat(layout.lower / rel)
+        st = os.lstat(below)
     except OSError:
         return True  # renamed on copy-up: its origin is elsewhere
-    if st.st_nlink > 2 or origin[5 + 16 :] != _file_handle(layout.lower / rel):
+    if st.st_nlink > 2 or origin[5 + 16 :] != _file_handle(below):
         return True
     if st.st_nlink == 2:
         # One lower name and the disk copy's, or two lower names once resyncs replaced the

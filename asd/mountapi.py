@@ -1,0 +1,127 @@
+"""The kernel's descriptor-based mount calls, for what ``mount(8)`` cannot do: an overlay made
+without a mount point, and a mount attached *beneath* the one a path shows.
+
+Overlay mode gives its RAM back (`asd.shrink`) by building a new overlay, attaching it under
+the target's top mount and unmounting that top mount: whoever opens the path afterwards sees
+the new overlay, and the switch never shows anything else in between. ``umount`` of the top
+mount fails with EBUSY while a file under it is open, which is how asd learns that it must
+wait. util-linux has no option for ``MOVE_MOUNT_BENEATH`` (Linux 6.5), so these are system
+calls through ctypes; their numbers are the same on every architecture Linux added them to
+after 5.1 (the unified table).
+
+Layers go in as ``lowerdir+`` one at a time (Linux 6.8): no escaping of ``:`` or ``,``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_BENEATH = 0x200
+FSOPEN_CLOEXEC = 1
+FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class MountCallError(OSError):
+    """A mount system call failed; ``str()`` names the call, the path and the kernel's words."""
+
+
+def _call(what: str, *args: object) -> int:
+    rc = _libc.syscall(*args)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise MountCallError(err, f"{what}: {os.strerror(err)}")
+    return int(rc)
+
+
+def _fs_messages(fs_fd: int) -> str:
+    """What the file system said about a failed configuration (read from its context)."""
+    lines = []
+    with contextlib.suppress(OSError):
+        while True:
+            raw = os.read(fs_fd, 1024)
+            if not raw:
+                break
+            lines.append(raw.decode(errors="replace").strip())
+    return "; ".join(lines)
+
+
+def overlay(lowers: list[Path], upper: Path, work: Path, options: dict[str, str]) -> int:
+    """A new overlay, not attached anywhere: a mount descriptor (the caller closes it)."""
+    fs_fd = _call("fsopen overlay", SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC)
+    try:
+        settings = [("lowerdir+", str(p)) for p in lowers]
+        settings += [("upperdir", str(upper)), ("workdir", str(work)), *options.items()]
+        try:
+            for key, value in settings:
+                _call(
+                    f"overlay option {key}={value}",
+                    SYS_FSCONFIG,
+                    fs_fd,
+                    FSCONFIG_SET_STRING,
+                    key.encode(),
+                    os.fsencode(value),
+                    0,
+                )
+            _call("overlay create", SYS_FSCONFIG, fs_fd, FSCONFIG_CMD_CREATE, None, None, 0)
+        except MountCallError as exc:
+            said = _fs_messages(fs_fd)
+            text = f"{exc.strerror} ({said})" if said else exc.strerror
+            raise MountCallError(exc.errno, text) from None
+        return _call("fsmount overlay", SYS_FSMOUNT, fs_fd, FSMOUNT_CLOEXEC, 0)
+    finally:
+        os.close(fs_fd)
+
+
+def clone(path: Path | None = None, fd: int = AT_FDCWD) -> int:
+    """A detached copy of the mount at ``path`` (or of the mount descriptor ``fd``)."""
+    name = os.fsencode(path) if path is not None else b""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (0 if path is not None else AT_EMPTY_PATH)
+    return _call(f"open_tree {path or fd}", SYS_OPEN_TREE, fd, name, flags)
+
+
+def attach(mount_fd: int, path: Path, *, beneath: bool = False) -> None:
+    """Attach the detached mount ``mount_fd`` at ``path``: on top, or beneath its top mount."""
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
+    where = f"{'beneath the mount at ' if beneath else ''}{path}"
+    name = os.fsencode(path)
+    _call(f"move_mount to {where}", SYS_MOVE_MOUNT, mount_fd, b"", AT_FDCWD, name, flags)
+
+
+def unmount(path: Path) -> bool:
+    """Unmount the top mount at ``path``, never lazily: False while it is busy (EBUSY)."""
+    if _libc.umount2(os.fsencode(path), 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EBUSY:
+        return False
+    raise MountCallError(err, f"umount {path}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def descriptor(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -1,0 +1,228 @@
+"""Overlay mode gives its RAM back: after a resync, the upper layer is replaced by an empty one.
+
+An overlay's upper layer holds a full copy of every file a program changed since sync, and
+nothing can be taken out of it while it is mounted. Once a resync has written it all to the
+disk copy, asd builds the next generation of the target's overlay:
+
+1. a delta on the disk copy's file system (`asd.delta`): the names the upper layer held, as
+   the disk copy now has them, over the lower tree made at sync;
+2. a new overlay of an empty upper layer in RAM over ``delta:lower``, made without a mount
+   point, and attached *beneath* the bind mount that shows the old overlay at the target
+   (`asd.mountapi`); up to here nobody sees anything of it;
+3. the old bind mount is unmounted — never lazily. That fails while a process has a file,
+   a working directory or a mapping under the target (EBUSY): then nothing changed for
+   anybody, the new overlay waits beneath, and the next resync tries again ("pending").
+   asd asks /proc who holds files first and does not start while anybody does ("deferred");
+4. the old upper layer is now out of everybody's sight. What programs wrote to it after the
+   resync's walk, before the switch, is copied into the new overlay (a name the new overlay
+   has changed since it became visible is newer, and kept);
+5. the overlay at the RAM copy's path is replaced too, the new layer's index becomes the
+   sync point, and the old upper layer, work directory and delta are removed: the RAM is free.
+
+The run state records the new overlay before it is attached (a "beneath" action), so an asd
+interrupted at any point finishes the switch at its next run, or unmounts it at unsync, and
+never mistakes a mount of the user's for it. A power cut loses RAM as at any other moment; the
+disk copy is the last resync's and the delta is removed with the rest of ``.asd-work``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from asd import coreutils, delta, index, mountapi, rsync, upper
+from asd.dirfd import parent_at, rel_parts, remove_at
+from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
+from asd.errors import CommandError
+from asd.holders import holders
+from asd.layout import TargetLayout
+from asd.mounts import Mount, MountTable, is_layer_of
+from asd.run import run
+from asd.state import RunState, StateStore, write_json_atomic
+from asd.steps import Step
+from asd.tree import diff, disk_usage
+
+log = logging.getLogger(__name__)
+
+MIN_BYTES = 1 << 20  # less than this in the upper layer is not worth a delta on disk
+OPTIONS = {"source": "asd-overlay", "redirect_dir": "on", "index": "on", "metacopy": "off"}
+WAIT = (0.05, 0.1, 0.2, 0.4, 0.8)  # retries of an unmount that was busy, seconds
+
+
+@dataclass(frozen=True)
+class Shrink:
+    target: Path
+    outcome: str  # "done", "small", "deferred", "pending"
+    freed: int = 0
+    detail: str = ""
+
+    def describe(self) -> str:
+        from asd.disks import human_size
+
+        if self.outcome == "done":
+            text = f"{self.target}: gave {human_size(self.freed)} of RAM back"
+            return text + (f" ({self.detail})" if self.detail else "")
+        if self.outcome == "small":
+            return f"{self.target}: {human_size(self.freed)} in RAM, kept"
+        return f"{self.target}: RAM not given back yet: {self.detail}"
+
+
+def pending_step(state: RunState, target: str) -> Step | None:
+    for raw in state.actions.get(target, []):
+        if raw["kind"] == "beneath":
+            return Step.from_json(raw)
+    return None
+
+
+def _is_layer(mount: Mount | None, upper_dir: Path) -> bool:
+    return is_layer_of(mount, str(upper_dir))
+
+
+def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> Shrink:
+    """Give ``layout``'s upper layer back (its generation is the one mounted), or say why not."""
+    if pending_step(state, str(layout.target)) is not None:
+        return resume(layout, state, store)
+    used = disk_usage(layout.upper)
+    if used < MIN_BYTES:
+        return Shrink(layout.target, "small", used)
+    held = holders([layout.target, layout.ram_copy])
+    if held:
+        shown = "; ".join(h.describe() for h in held[:3])
+        return Shrink(layout.target, "deferred", 0, f"in use: {shown}")
+    baseline, _scope = index.load(layout.index_file)
+    nxt = dataclasses.replace(layout, generation=layout.generation + 1)
+    _remove_generation(nxt)  # an attempt interrupted before it was recorded
+    held_names, opaque = delta.names(baseline, layout.delta if layout.generation else None)
+    delta.build(layout.backup, nxt.delta, held_names, opaque)
+    nxt.upper.mkdir(mode=0o700)
+    nxt.overlay_work.mkdir(mode=0o700)
+    set_dir_metadata(nxt.upper, _own_metadata(layout.upper))
+    index.save(nxt.baseline, baseline, "upper")
+    made = mountapi.overlay(nxt.lowers, nxt.upper, nxt.overlay_work, OPTIONS)
+    with mountapi.descriptor(made) as fd:
+        index.save(_start(nxt), upper.upper_index(nxt), "upper")  # what it is when first seen
+        actions = state.actions[str(layout.target)]
+        step = Step("beneath", str(layout.target), str(layout.target), str(nxt.upper))
+        actions.insert(len(actions) - 1, step.to_json())
+        store.save(state)
+        with mountapi.descriptor(mountapi.clone(fd=fd)) as bind:
+            mountapi.attach(bind, layout.target, beneath=True)
+    return resume(layout, state, store, used)
+
+
+def _own_metadata(path: Path) -> dict[str, object]:
+    """A directory's metadata without overlayfs's own attributes (its origin, for one)."""
+    meta = dir_metadata(path)
+    xattrs: dict[str, str] = meta["xattrs"]  # type: ignore[assignment]
+    meta["xattrs"] = {k: v for k, v in xattrs.items() if not k.startswith("trusted.overlay.")}
+    return meta
+
+
+def _start(layout: TargetLayout) -> Path:
+    return layout.overlay_dir / f"start.{layout.generation}"
+
+
+def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int = 0) -> Shrink:
+    """Finish a recorded switch to the next generation; each part is skipped once done."""
+    target = str(layout.target)
+    step = pending_step(state, target)
+    if step is None:
+        return Shrink(layout.target, "small", 0)
+    nxt = dataclasses.replace(layout, generation=layout.generation + 1)
+    table = MountTable.read()
+    if not any(_is_layer(m, nxt.upper) for m in table.at(target)):
+        # Recorded, then interrupted before it was attached: nothing to finish.
+        state.actions[target].remove(step.to_json())
+        store.save(state)
+        _remove_generation(nxt)
+        return Shrink(layout.target, "deferred", 0, "an earlier attempt was interrupted")
+    used = used or disk_usage(layout.upper)
+    if not _is_layer(table.top_at(target), nxt.upper) and not _unmount_when_free(layout.target):
+        held = holders([layout.target])
+        shown = "; ".join(h.describe() for h in held[:3]) or "a file was opened meanwhile"
+        return Shrink(layout.target, "pending", 0, f"in use: {shown}")
+    conflicts = _carry_over(layout, nxt)
+    top = MountTable.read().top_at(layout.ram_copy)
+    if not _is_layer(top, nxt.upper):
+        if not mountapi.unmount(layout.ram_copy):
+            run(["umount", "-l", str(layout.ram_copy)])  # only asd's own path: root-only
+        with mountapi.descriptor(mountapi.clone(layout.target)) as fd:
+            mountapi.attach(fd, layout.ram_copy)
+    start, _scope = index.load(_start(nxt))
+    index.save(layout.index_file, start, "upper")
+    write_json_atomic(layout.generation_file, nxt.generation)
+    state.actions[target].remove(step.to_json())
+    store.save(state)
+    _remove_generation(layout)
+    detail = ""
+    if conflicts:
+        detail = f"kept the newer version of {len(conflicts)} files written twice meanwhile"
+        for rel in conflicts:
+            log.warning("%s: written during the switch and again after it; kept the later", rel)
+    return Shrink(layout.target, "done", used, detail)
+
+
+def _unmount_when_free(path: Path) -> bool:
+    if mountapi.unmount(path):
+        return True
+    for delay in WAIT:
+        time.sleep(delay)
+        if mountapi.unmount(path):
+            return True
+    return False
+
+
+def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
+    """Copy into the new overlay what was written to the old one after the resync's walk.
+    Returns the names the new one changed too (its version is kept)."""
+    baseline, _scope = index.load(nxt.baseline)
+    now = upper.upper_index(layout)
+    changes = diff(baseline, now)
+    if changes.empty:
+        return []
+    changes = upper.expand(layout, baseline, now, changes)
+    conflicts = [
+        rel for rel in (*changes.deleted, *changes.files) if os.path.lexists(nxt.upper / rel)
+    ]
+    skip = set(conflicts)
+    fd = os.open(layout.target, O_DIR)
+    try:
+        for rel in changes.deleted:
+            if rel not in skip:
+                with contextlib.suppress(FileNotFoundError):
+                    parts = rel_parts(rel)
+                    with parent_at(fd, parts, layout.target) as pfd:
+                        remove_at(pfd, parts[-1])
+    finally:
+        os.close(fd)
+    listed = [r for r in (*changes.dirs, *changes.files) if r and r not in skip]
+    if listed:
+        list_file = layout.index_file.with_suffix(".carry")
+        list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
+        try:
+            run(
+                rsync.copy_listed(layout.ram_copy, layout.target, list_file),
+                ok_codes=rsync.ok_codes(allow_vanished=True),
+            )
+        except CommandError as exc:
+            if not rsync.only_vanished(exc.exit_code, exc.stderr):
+                raise
+        finally:
+            list_file.unlink(missing_ok=True)
+    return conflicts
+
+
+def _remove_generation(layout: TargetLayout) -> None:
+    """Remove a generation's RAM layer, work directory, delta and indexes."""
+    for path in (layout.upper, layout.overlay_work):
+        if os.path.lexists(path):
+            run(coreutils.remove_tree(path))
+    if layout.generation and os.path.lexists(layout.delta):
+        run(coreutils.remove_tree(layout.delta))
+    for path in (layout.baseline, _start(layout)):
+        path.unlink(missing_ok=True)
