@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from asd.dirmeta import dir_metadata, set_dir_metadata
@@ -60,14 +61,22 @@ def _below(rel: str, names: set[str]) -> bool:
     return False
 
 
-def build(disk: Path, dst: Path, held: set[str], opaque: set[str]) -> int:
+def build(
+    disk: Path,
+    dst: Path,
+    held: set[str],
+    opaque: set[str],
+    leave_out: AbstractSet[str] = frozenset(),
+) -> int:
     """Make the delta at ``dst`` (which must not exist) from the disk copy at ``disk`` for
-    the names ``held``. Returns how many entries it holds."""
+    the names ``held``, less ``leave_out`` (files the next upper layer holds itself).
+    Returns how many entries it holds."""
     dev = os.lstat(disk).st_dev
     wanted = set(held)
     for rel in opaque:
         if os.path.isdir(disk / rel) and not os.path.islink(disk / rel):
             wanted.update(f"{rel}/{sub}" for sub, _ in walk(disk / rel) if sub)
+    wanted -= leave_out
     for rel in list(wanted):
         while "/" in rel:
             rel = rel.rsplit("/", 1)[0]

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from asd.mounts import Mount, MountTable, is_layer_of
 from asd.run import run
 from asd.state import RunState, StateStore, write_json_atomic
 from asd.steps import Step
-from asd.tree import diff, disk_usage
+from asd.tree import Index, diff, disk_usage
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,12 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     baseline, _scope = index.load(layout.index_file)
     nxt = dataclasses.replace(layout, generation=layout.generation + 1)
     _remove_generation(nxt)  # an attempt interrupted before it was recorded
+    hot = _hot(layout, baseline)
     held_names, opaque = delta.names(baseline, layout.delta if layout.generation else None)
-    delta.build(layout.backup, nxt.delta, held_names, opaque)
+    delta.build(layout.backup, nxt.delta, held_names - hot, opaque, leave_out=hot)
     nxt.upper.mkdir(mode=0o700)
     nxt.overlay_work.mkdir(mode=0o700)
-    set_dir_metadata(nxt.upper, _own_metadata(layout.upper))
+    _keep(layout, nxt, hot)
     index.save(nxt.baseline, baseline, "upper")
     made = mountapi.overlay(nxt.lowers, nxt.upper, nxt.overlay_work, OPTIONS)
     with mountapi.descriptor(made) as fd:
@@ -113,6 +115,44 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
         with mountapi.descriptor(mountapi.clone(fd=fd)) as bind:
             mountapi.attach(bind, layout.target, beneath=True)
     return resume(layout, state, store, used)
+
+
+def _hot(layout: TargetLayout, baseline: Index) -> set[str]:
+    """Files changed again since the last switch, that had changed before it too: a log, a
+    database, an RRD file, changed in place all the time. They stay in RAM, in the new upper
+    layer, so that the disk copy's file keeps one name and the next resync can patch it in
+    place (`asd.patch`) rather than write it whole every time."""
+    if not layout.generation:
+        return set()
+    start, _scope = index.load(_start(layout))
+    return {
+        rel
+        for rel, entry in baseline.items()
+        if rel
+        and entry[0] == stat.S_IFREG
+        and entry != start.get(rel)
+        and (rel in start or os.path.lexists(layout.delta / rel))
+    }
+
+
+def _keep(layout: TargetLayout, nxt: TargetLayout, hot: set[str]) -> None:
+    """The new upper layer: its root, and the ``hot`` files with their directories, copied
+    from the old one (which shows them as the merged view does) without overlayfs's own
+    attributes, which belong to the old layer's origins."""
+    dirs = {""}
+    for rel in sorted(hot):
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            sub = "/".join(parts[:i])
+            if sub not in dirs:
+                os.mkdir(nxt.upper / sub, 0o700)
+                dirs.add(sub)
+        run(coreutils.copy_tree(layout.upper / rel, nxt.upper / rel))
+        for name in os.listxattr(nxt.upper / rel, follow_symlinks=False):
+            if name.startswith("trusted.overlay."):
+                os.removexattr(nxt.upper / rel, name, follow_symlinks=False)
+    for sub in sorted(dirs, reverse=True):
+        set_dir_metadata(nxt.upper / sub if sub else nxt.upper, _own_metadata(layout.upper / sub))
 
 
 def _own_metadata(path: Path) -> dict[str, object]:

@@ -26,7 +26,7 @@ MIB = 1024 * 1024
 CHANGES = r"""
 set -e
 cd "$1"
-head -c 3200000 /dev/urandom > big.bin
+head -c 3200000 /dev/urandom > "big-$2.bin"
 echo "$2" >> docs/a.txt
 rm -f docs/b.txt
 mkdir -p "new dir/deeper"
@@ -76,6 +76,7 @@ def test_resync_gives_the_upper_layer_back_and_the_view_never_changes(
         assert "of RAM back" in out, out
         assert inside_manifest(world, target) == before, f"resync {n}: the view changed"
         assert manifest(target) == before, f"resync {n}: the disk copy is not the view"
+        # What stays: docs/a.txt, appended at every resync, is kept for patching in place.
         assert upper_bytes(world) < 64 * 1024, f"resync {n}: the RAM was not given back"
         stacked = [m for m in world.asd_mounts() if "asd-overlay" in m]
         assert len(stacked) == 2, stacked  # the overlay at the RAM path and its bind
@@ -141,3 +142,48 @@ def test_a_power_cut_after_a_switch_leaves_the_last_resync_on_disk(
     assert manifest(target) == synced
     leftovers = [p.name for p in Path(target).iterdir() if p.name.startswith(".asd")]
     assert leftovers == []
+
+
+WINDOW = r"""
+import os, runpy, sys
+from pathlib import Path
+from asd import shrink
+target, conf = Path(sys.argv[1]), sys.argv[2]
+unmount = shrink._unmount_when_free
+
+def written_meanwhile(path):
+    # Between the resync's walk and the switch, with the next overlay already attached
+    # beneath: a program writes to the old one.
+    (target / "window.txt").write_text("written in the window\n")
+    with open(target / "docs" / "a.txt", "a") as fh:
+        fh.write("appended in the window\n")
+    os.unlink(target / "name with spaces")
+    os.mkdir(target / "window-dir")
+    return unmount(path)
+
+shrink._unmount_when_free = written_meanwhile
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_what_is_written_during_the_switch_reaches_the_new_layer(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    proc = world.run([sys.executable, "-c", WINDOW, str(target), str(world.conf)], check=True)
+    assert "of RAM back" in proc.stdout, proc.stdout + proc.stderr
+    view = inside_manifest(world, target)
+    assert view["window.txt"]["data"] == b"written in the window\n"  # type: ignore[index]
+    assert view["docs/a.txt"]["data"].endswith(b"appended in the window\n")  # type: ignore[index]
+    assert "name with spaces" not in view and "window-dir" in view
+    # Not on disk yet (it was written after the resync's walk), but the next resync takes it.
+    assert "window.txt" not in manifest(target)
+    assert "big-one.bin" in manifest(target)
+    world.asd("resync", check=True)
+    assert manifest(target) == view
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
