@@ -52,13 +52,14 @@ log = logging.getLogger(__name__)
 
 MIN_BYTES = 1 << 20  # less than this in the upper layer is not worth a delta on disk
 OPTIONS = {"source": "asd-overlay", "redirect_dir": "on", "index": "on", "metacopy": "off"}
+KERNEL = "giving RAM back needs Linux 6.8 or later; it stays in use until unsync"
 WAIT = (0.05, 0.1, 0.2, 0.4, 0.8)  # retries of an unmount that was busy, seconds
 
 
 @dataclass(frozen=True)
 class Shrink:
     target: Path
-    outcome: str  # "done", "small", "deferred", "pending"
+    outcome: str  # "done", "small", "deferred", "pending", "kept" (the kernel cannot)
     freed: int = 0
     detail: str = ""
 
@@ -70,6 +71,8 @@ class Shrink:
             return text + (f" ({self.detail})" if self.detail else "")
         if self.outcome == "small":
             return f"{self.target}: {human_size(self.freed)} in RAM, kept"
+        if self.outcome == "kept":
+            return f"{self.target}: {human_size(self.freed)} of RAM kept: {self.detail}"
         return f"{self.target}: RAM not given back yet: {self.detail}"
 
 
@@ -105,15 +108,29 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     nxt.overlay_work.mkdir(mode=0o700)
     _keep(layout, nxt, hot)
     index.save(nxt.baseline, baseline, "upper")
-    made = mountapi.overlay(nxt.lowers, nxt.upper, nxt.overlay_work, OPTIONS)
+    try:
+        made = mountapi.overlay(nxt.lowers, nxt.upper, nxt.overlay_work, OPTIONS)
+    except OSError as exc:
+        _remove_generation(nxt)
+        return Shrink(layout.target, "kept", used, f"{exc.strerror}; {KERNEL}")
+    actions = state.actions[str(layout.target)]
+    step = Step("beneath", str(layout.target), str(layout.target), str(nxt.upper))
     with mountapi.descriptor(made) as fd:
         index.save(_start(nxt), upper.upper_index(nxt), "upper")  # what it is when first seen
-        actions = state.actions[str(layout.target)]
-        step = Step("beneath", str(layout.target), str(layout.target), str(nxt.upper))
         actions.insert(len(actions) - 1, step.to_json())
         store.save(state)
-        with mountapi.descriptor(mountapi.clone(fd=fd)) as bind:
-            mountapi.attach(bind, layout.target, beneath=True)
+        try:
+            with mountapi.descriptor(mountapi.clone(fd=fd)) as bind:
+                mountapi.attach(bind, layout.target, beneath=True)
+        except OSError as exc:
+            failed: OSError | None = exc
+        else:
+            failed = None
+    if failed is not None:
+        actions.remove(step.to_json())
+        store.save(state)
+        _remove_generation(nxt)
+        return Shrink(layout.target, "kept", used, f"{failed.strerror}; {KERNEL}")
     return resume(layout, state, store, used)
 
 

@@ -187,3 +187,39 @@ def test_what_is_written_during_the_switch_reaches_the_new_layer(overlay_world: 
     assert manifest(target) == view
     world.asd("unsync", check=True)
     assert manifest(target) == view
+
+
+OLD_KERNEL = r"""
+import errno, runpy, sys
+from asd import mountapi
+where = sys.argv[2]
+
+def refused(*args, **kwargs):
+    raise mountapi.MountCallError(errno.EINVAL, "move_mount: Invalid argument")
+
+setattr(mountapi, where, refused)
+sys.argv = ["asd", "-c", sys.argv[1], "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("call", ["overlay", "attach"])
+def test_a_kernel_that_cannot_switch_keeps_the_ram_and_nothing_else(
+    overlay_world: World, call: str
+) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    before = world.asd_mounts()
+    proc = world.run([sys.executable, "-c", OLD_KERNEL, str(world.conf), call], check=True)
+    assert "of RAM kept" in proc.stdout and "Linux 6.8" in proc.stdout, proc.stdout
+    view = inside_manifest(world, target)
+    assert manifest(target) == view  # the resync itself was done
+    assert world.asd_mounts() == before
+    assert upper_bytes(world) >= 3 * MIB
+    assert not any(p.name.startswith("delta") for p in (target / ".asd-work").iterdir())
+    world.asd("unsync", check=True)
+    assert manifest(target) == view

@@ -6,8 +6,8 @@ import os
 
 from asd.devices import describe_node, describe_path
 from asd.disks import BlockRecord, PathDevice
-from asd.mounts import MountTable, parse_mountinfo
-from asd.stack import DeviceUnreadable, overlay_layers, resolve_path
+from asd.mounts import MountTable, overlay_layers, parse_mountinfo
+from asd.stack import DeviceUnreadable, resolve_path
 from tests.unit.devfixtures import scenario
 
 VM = "/var/tmp/asd-capture/mnt"
