@@ -91,6 +91,9 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     """Give ``layout``'s upper layer back (its generation is the one mounted), or say why not."""
     if pending_step(state, str(layout.target)) is not None:
         return resume(layout, state, store)
+    if layout.generation:
+        # A switch interrupted after it was done leaves the layer before it: remove it.
+        _remove_generation(dataclasses.replace(layout, generation=layout.generation - 1))
     used = disk_usage(layout.upper)
     if used < MIN_BYTES:
         return Shrink(layout.target, "small", used)
@@ -101,13 +104,19 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     baseline, _scope = index.load(layout.index_file)
     nxt = dataclasses.replace(layout, generation=layout.generation + 1)
     _remove_generation(nxt)  # an attempt interrupted before it was recorded
-    hot = _hot(layout, baseline)
-    held_names, opaque = delta.names(baseline, layout.delta if layout.generation else None)
-    delta.build(layout.backup, nxt.delta, held_names - hot, opaque, leave_out=hot)
-    nxt.upper.mkdir(mode=0o700)
-    nxt.overlay_work.mkdir(mode=0o700)
-    _keep(layout, nxt, hot)
-    index.save(nxt.baseline, baseline, "upper")
+    try:
+        hot = _hot(layout, baseline)
+        held_names, opaque = delta.names(baseline, layout.delta if layout.generation else None)
+        delta.build(layout.backup, nxt.delta, held_names - hot, opaque, leave_out=hot)
+        nxt.upper.mkdir(mode=0o700)
+        nxt.overlay_work.mkdir(mode=0o700)
+        _keep(layout, nxt, hot)
+        index.save(nxt.baseline, baseline, "upper")
+    except (OSError, CommandError) as exc:
+        # Nothing is mounted or recorded yet: the next layer is only files of asd's own.
+        _remove_generation(nxt)
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        return Shrink(layout.target, "kept", used, f"could not build the next layer: {why}")
     try:
         made = mountapi.overlay(nxt.lowers, nxt.upper, nxt.overlay_work, OPTIONS)
     except OSError as exc:
@@ -243,8 +252,11 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
     if changes.empty:
         return []
     changes = upper.expand(layout, baseline, now, changes)
+    # Changed in the new layer since it became visible: newer than the old layer's version.
+    start, _scope = index.load(_start(nxt))
+    seen = upper.upper_index(nxt)
     conflicts = [
-        rel for rel in (*changes.deleted, *changes.files) if os.path.lexists(nxt.upper / rel)
+        rel for rel in (*changes.deleted, *changes.files) if seen.get(rel) != start.get(rel)
     ]
     skip = set(conflicts)
     fd = os.open(layout.target, O_DIR)
@@ -258,6 +270,8 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
     finally:
         os.close(fd)
     listed = [r for r in (*changes.dirs, *changes.files) if r and r not in skip]
+    # rsync is not given the root, and its times move when names below it do.
+    root = dir_metadata(layout.ram_copy) if seen.get("") == start.get("") else None
     if listed:
         list_file = layout.index_file.with_suffix(".carry")
         list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
@@ -271,6 +285,8 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
                 raise
         finally:
             list_file.unlink(missing_ok=True)
+    if root is not None:
+        set_dir_metadata(layout.target, root)
     return conflicts
 
 

@@ -173,6 +173,10 @@ def test_what_is_written_during_the_switch_reaches_the_new_layer(overlay_world: 
     populate(target)
     world.write_conf(target)
     world.asd("sync", check=True)
+    # A first switch, so that docs/a.txt, appended to again, is kept in the next upper layer
+    # (changed at two resyncs in a row): a window write to a kept file is carried over too.
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "zero"], check=True)
+    world.asd("resync", check=True)
     world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
     proc = world.run([sys.executable, "-c", WINDOW, str(target), str(world.conf)], check=True)
     assert "of RAM back" in proc.stdout, proc.stdout + proc.stderr
@@ -180,6 +184,7 @@ def test_what_is_written_during_the_switch_reaches_the_new_layer(overlay_world: 
     assert view["window.txt"]["data"] == b"written in the window\n"  # type: ignore[index]
     assert view["docs/a.txt"]["data"].endswith(b"appended in the window\n")  # type: ignore[index]
     assert "name with spaces" not in view and "window-dir" in view
+    assert view["."]["mtime_ns"] != manifest(target)["."]["mtime_ns"]  # type: ignore[index]
     # Not on disk yet (it was written after the resync's walk), but the next resync takes it.
     assert "window.txt" not in manifest(target)
     assert "big-one.bin" in manifest(target)
@@ -223,3 +228,113 @@ def test_a_kernel_that_cannot_switch_keeps_the_ram_and_nothing_else(
     assert not any(p.name.startswith("delta") for p in (target / ".asd-work").iterdir())
     world.asd("unsync", check=True)
     assert manifest(target) == view
+
+
+INTERRUPTED = r"""
+import os, runpy, sys
+from asd import mountapi, shrink
+conf, point = sys.argv[1], sys.argv[2]
+calls = {"attach": 0, "remove": 0}
+
+def die(*args, **kwargs):
+    os._exit(9)  # asd killed here: its mounts and RAM stay, as after a SIGKILL
+
+if point == "recorded":  # the switch is in the run state, nothing attached yet
+    attach = mountapi.attach
+    def first_attach_dies(fd, path, *, beneath=False):
+        if beneath:
+            die()
+        return attach(fd, path, beneath=beneath)
+    mountapi.attach = first_attach_dies
+elif point == "attached":  # the next overlay waits beneath the old one
+    shrink._unmount_when_free = die
+elif point == "unmounted":  # the old one is out of sight; nothing carried over yet
+    shrink._carry_over = die
+elif point == "indexed":  # the new sync point saved, the generation not yet
+    shrink.write_json_atomic = die
+elif point == "switched":  # all done but removing the old layer
+    remove = shrink._remove_generation
+    def second_remove_dies(layout):
+        calls["remove"] += 1
+        if calls["remove"] == 2:
+            die()
+        return remove(layout)
+    shrink._remove_generation = second_remove_dies
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("then", ["resync", "unsync"])
+@pytest.mark.parametrize("point", ["recorded", "attached", "unmounted", "indexed", "switched"])
+def test_an_asd_killed_during_the_switch_is_finished_or_undone_by_the_next_run(
+    overlay_world: World, point: str, then: str
+) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    view = inside_manifest(world, target)
+    proc = world.run([sys.executable, "-c", INTERRUPTED, str(world.conf), point])
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    assert inside_manifest(world, target) == view, "the view changed when asd was killed"
+    world.sh(f"echo 'after the kill' >> '{target}/docs/a.txt'")
+    view = inside_manifest(world, target)
+    if then == "resync":
+        world.asd("resync", check=True)
+        assert inside_manifest(world, target) == view
+        assert manifest(target) == view
+        assert upper_bytes(world) < 64 * 1024
+        assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 2
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
+    assert world.asd_mounts() == []
+    assert not (target / ".asd-work").exists()
+
+
+RACED = r"""
+import runpy, sys
+from asd import shrink
+shrink.holders = lambda paths: []  # a file is opened just after asd looked
+sys.argv = ["asd", "-c", sys.argv[1], "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
+    try:
+        deadline = time.monotonic() + 10
+        while "3 ->" not in world.sh(f"ls -l /proc/{holder.pid}/fd || true").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
+        assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
+        assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 3  # one waits
+        world.sh(f"echo 'while pending' >> '{target}/docs/a.txt' && echo p > '{target}/pend'")
+        view = inside_manifest(world, target)
+        # Still held: the resync writes what the target shows, and the switch still waits.
+        out = world.asd("resync", check=True)
+        assert "not given back yet" in out.stdout + out.stderr
+        assert manifest(target) == view
+        said = parse_json(world)["targets"][0]["ram_given_back"]  # type: ignore[index]
+        assert "in use" in str(said), said
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    world.asd("resync", check=True)
+    assert inside_manifest(world, target) == view
+    assert manifest(target) == view
+    assert upper_bytes(world) < 64 * 1024
+    assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 2
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
+    assert world.asd_mounts() == []
