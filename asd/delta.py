@@ -18,12 +18,14 @@ disk copy's), and a resync replaces, never patches, a file with more than one na
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
-from asd.dirmeta import dir_metadata, set_dir_metadata
+from asd.dirfd import exists_at, open_dir_at, parent_at, rel_parts
+from asd.dirmeta import dir_metadata_fd, set_dir_metadata_fd
 from asd.tree import OPAQUE, REDIRECT, WHITEOUT, Index, walk
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -61,54 +63,81 @@ def _below(rel: str, names: set[str]) -> bool:
     return False
 
 
+def _subtree(disk_fd: int, rel: str, disk: Path) -> list[str]:
+    """Every name below the disk copy's directory ``rel``, never through a symlink."""
+    try:
+        with open_dir_at(disk_fd, rel, disk) as fd:
+            return [
+                f"{rel}/{os.path.normpath(os.path.join(top, name))}"
+                for top, dirs, files, _fd in os.fwalk(".", dir_fd=fd, follow_symlinks=False)
+                for name in (*dirs, *files)
+            ]
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return []  # not a directory (any more): nothing below it
+        raise
+
+
 def build(
+    disk_fd: int,
     disk: Path,
-    dst: Path,
+    out_fd: int,
     held: set[str],
     opaque: set[str],
     leave_out: AbstractSet[str] = frozenset(),
 ) -> int:
-    """Make the delta at ``dst`` (which must not exist) from the disk copy at ``disk`` for
-    the names ``held``, less ``leave_out`` (files the next upper layer holds itself).
-    Returns how many entries it holds."""
-    dev = os.lstat(disk).st_dev
+    """Fill the empty directory ``out_fd`` with the delta of the disk copy (open as
+    ``disk_fd``, named ``disk`` in messages) for the names ``held``, less ``leave_out`` (files
+    the next upper layer holds itself). Every name is looked up below the two descriptors
+    without following a symlink: the disk copy belongs to the target's owner, who may be
+    changing it meanwhile. Returns how many entries the delta holds."""
+    dev = os.fstat(disk_fd).st_dev
     wanted = set(held)
     for rel in opaque:
-        if os.path.isdir(disk / rel) and not os.path.islink(disk / rel):
-            wanted.update(f"{rel}/{sub}" for sub, _ in walk(disk / rel) if sub)
+        wanted.update(_subtree(disk_fd, rel, disk))
     wanted -= leave_out
     for rel in list(wanted):
         while "/" in rel:
             rel = rel.rsplit("/", 1)[0]
             wanted.add(rel)
-    os.mkdir(dst, 0o700)
     dirs = [""]
     cut: set[str] = set()  # names that are not directories here: nothing goes below them
     count = 0
     for rel in sorted(wanted):
         if _below(rel, cut):
             continue
-        src, out = disk / rel, dst / rel
-        try:
-            st = os.lstat(src)
-        except FileNotFoundError:
-            os.mknod(out, stat.S_IFCHR | 0o600, 0)  # a whiteout
-            cut.add(rel)
-            count += 1
-            continue
-        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
-            os.mkdir(out, 0o700)
-            dirs.append(rel)
-        elif stat.S_ISDIR(st.st_mode):
-            cut.add(rel)  # another file system mounted inside: not part of the disk copy
-            continue
-        else:
-            os.link(src, out, follow_symlinks=False)
-            cut.add(rel)
-        count += 1
+        parts = rel_parts(rel)
+        with parent_at(out_fd, parts, Path("delta")) as opfd:
+            try:
+                with parent_at(disk_fd, parts, disk) as pfd:
+                    st = exists_at(pfd, parts[-1])
+                    if st is not None and not stat.S_ISDIR(st.st_mode):
+                        os.link(
+                            parts[-1],
+                            parts[-1],
+                            src_dir_fd=pfd,
+                            dst_dir_fd=opfd,
+                            follow_symlinks=False,
+                        )
+                        cut.add(rel)
+                        count += 1
+                        continue
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                os.mknod(parts[-1], stat.S_IFCHR | 0o600, 0, dir_fd=opfd)  # a whiteout
+                cut.add(rel)
+                count += 1
+            elif st.st_dev != dev:
+                cut.add(rel)  # another file system mounted inside: not part of the disk copy
+            else:
+                os.mkdir(parts[-1], 0o700, dir_fd=opfd)
+                dirs.append(rel)
+                count += 1
     # Deepest first, so each directory's times are set after its contents are made.
     for rel in reversed(dirs):
-        set_dir_metadata(dst / rel if rel else dst, dir_metadata(disk / rel if rel else disk))
-        if rel in opaque:
-            os.setxattr(dst / rel, OPAQUE_XATTR, b"y", follow_symlinks=False)
+        with open_dir_at(disk_fd, rel, disk) as dfd, open_dir_at(out_fd, rel, Path("delta")) as ofd:
+            set_dir_metadata_fd(ofd, dir_metadata_fd(dfd))
+            if rel in opaque:
+                os.setxattr(ofd, OPAQUE_XATTR, b"y")
     return count

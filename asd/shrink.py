@@ -33,13 +33,14 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from asd import coreutils, delta, index, mountapi, rsync, upper
-from asd.dirfd import parent_at, rel_parts, remove_at
+from asd.dirfd import open_private_dir, parent_at, rel_parts, remove_at
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
-from asd.errors import CommandError
+from asd.errors import AsdError, CommandError
 from asd.holders import holders
 from asd.layout import TargetLayout
 from asd.mounts import Mount, MountTable, is_layer_of
@@ -106,16 +107,24 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     _remove_generation(nxt)  # an attempt interrupted before it was recorded
     try:
         hot = _hot(layout, baseline)
-        held_names, opaque = delta.names(baseline, layout.delta if layout.generation else None)
-        delta.build(layout.backup, nxt.delta, held_names - hot, opaque, leave_out=hot)
+        with _disk_dirs(layout) as (disk_fd, work_fd):
+            work = Path(f"/proc/self/fd/{work_fd}")
+            previous = work / layout.delta.name if layout.generation else None
+            held_names, opaque = delta.names(baseline, previous)
+            os.mkdir(nxt.delta.name, 0o700, dir_fd=work_fd)
+            out_fd = os.open(nxt.delta.name, O_DIR, dir_fd=work_fd)
+            try:
+                delta.build(disk_fd, layout.backup, out_fd, held_names - hot, opaque, hot)
+            finally:
+                os.close(out_fd)
         nxt.upper.mkdir(mode=0o700)
         nxt.overlay_work.mkdir(mode=0o700)
         _keep(layout, nxt, hot)
         index.save(nxt.baseline, baseline, "upper")
-    except (OSError, CommandError) as exc:
+    except (OSError, AsdError) as exc:
         # Nothing is mounted or recorded yet: the next layer is only files of asd's own.
         _remove_generation(nxt)
-        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return Shrink(layout.target, "kept", used, f"could not build the next layer: {why}")
     try:
         made = mountapi.overlay(nxt.lowers, nxt.upper, nxt.overlay_work, OPTIONS)
@@ -290,12 +299,29 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
     return conflicts
 
 
+@contextlib.contextmanager
+def _disk_dirs(layout: TargetLayout) -> Iterator[tuple[int, int]]:
+    """Descriptors of the disk copy and of asd's journal directory in it (refused unless it
+    is root's own): its owner can rename anything inside, ``.asd-work`` included."""
+    disk_fd = os.open(layout.backup, O_DIR)  # a mount point: its name cannot be moved
+    try:
+        work = Path(f"/proc/self/fd/{disk_fd}") / layout.disk_work.name
+        work_fd = open_private_dir(work, shown=layout.disk_work)
+        try:
+            yield disk_fd, work_fd
+        finally:
+            os.close(work_fd)
+    finally:
+        os.close(disk_fd)
+
+
 def _remove_generation(layout: TargetLayout) -> None:
     """Remove a generation's RAM layer, work directory, delta and indexes."""
     for path in (layout.upper, layout.overlay_work):
         if os.path.lexists(path):
             run(coreutils.remove_tree(path))
-    if layout.generation and os.path.lexists(layout.delta):
-        run(coreutils.remove_tree(layout.delta))
+    if layout.generation:
+        with contextlib.suppress(FileNotFoundError), _disk_dirs(layout) as (_disk, work_fd):
+            remove_at(work_fd, layout.delta.name)
     for path in (layout.baseline, _start(layout)):
         path.unlink(missing_ok=True)

@@ -338,3 +338,49 @@ def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: W
     world.asd("unsync", check=True)
     assert manifest(target) == view
     assert world.asd_mounts() == []
+
+
+SWAPPED = r"""
+import os, runpy, sys
+from pathlib import Path
+from asd import delta
+backup, conf = Path(sys.argv[1]), sys.argv[2]
+parent_at = delta.parent_at
+
+def swapped_on_the_way(root_fd, parts, where):
+    # "docs" was made in the delta as a directory; before asd looks into it for docs/a.txt,
+    # the target's owner swaps it for a symlink out of the disk copy.
+    if parts == ("docs", "a.txt") and where == backup:
+        os.rename(backup / "docs", backup / "docs.real")
+        os.symlink("/etc", backup / "docs")
+    return parent_at(root_fd, parts, where)
+
+delta.parent_at = swapped_on_the_way
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_a_directory_swapped_for_a_symlink_during_the_delta_is_refused(
+    overlay_world: World,
+) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)  # docs/a.txt
+    backup = target.parent / ".t-backup_asd"
+    before = world.asd_mounts()
+    proc = world.run([sys.executable, "-c", SWAPPED, str(backup), str(world.conf)], check=True)
+    assert "of RAM kept" in proc.stdout and "symlink" in proc.stdout, proc.stdout
+    assert world.asd_mounts() == before
+    work = target / ".asd-work"
+    assert not [p for p in work.iterdir() if p.name.startswith("delta")]
+    os.unlink(target / "docs")
+    os.rename(target / "docs.real", target / "docs")
+    view = inside_manifest(world, target)
+    root_mtime = view["."]["mtime_ns"]  # type: ignore[index]
+    os.utime(target, ns=(root_mtime, root_mtime))  # the swap's own traces on the disk copy
+    world.asd("unsync", check=True)
+    assert manifest(target) == view

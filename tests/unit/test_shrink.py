@@ -35,6 +35,19 @@ root_only = pytest.mark.skipif(
     not _can_make_whiteouts(), reason="whiteouts and trusted xattrs need root with CAP_MKNOD"
 )
 
+
+def build(disk: Path, out: Path, held: set[str], opaque: set[str]) -> int:
+    """`delta.build` through descriptors, as `asd.shrink` calls it."""
+    out.mkdir()
+    disk_fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
+    out_fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return delta.build(disk_fd, disk, out_fd, held, opaque)
+    finally:
+        os.close(disk_fd)
+        os.close(out_fd)
+
+
 DIR: Entry = (stat.S_IFDIR, 0o755, 0, 0, 0, 0, 0, 0, 1, 0)
 FILE: Entry = (stat.S_IFREG, 0o644, 0, 0, 5, 0, 0, 0, 1, 0)
 
@@ -71,7 +84,7 @@ def test_a_delta_mirrors_the_disk_copy_for_the_names_the_upper_layer_held(tmp_pa
     held, opaque = delta.names(index, None)
     assert opaque == {"replaced", "moved"}
     out = tmp_path / "delta"
-    count = delta.build(disk, out, held, opaque)
+    count = build(disk, out, held, opaque)
     # A file is the disk copy's own inode; a symlink too (a hard link to it).
     assert os.lstat(out / "kept/inner/f").st_ino == os.lstat(disk / "kept/inner/f").st_ino
     assert os.readlink(out / "link") == "kept"
@@ -95,7 +108,7 @@ def test_a_delta_mirrors_the_disk_copy_for_the_names_the_upper_layer_held(tmp_pa
     held2, opaque2 = delta.names({"": DIR, "link": (stat.S_IFLNK, *FILE[1:])}, out)
     assert {"kept/inner/f", "moved/a", "gone"} <= held2 and opaque2 == {"replaced", "moved"}
     out2 = tmp_path / "delta2"
-    delta.build(disk, out2, held2, opaque2)
+    build(disk, out2, held2, opaque2)
     assert stat.S_ISCHR(os.lstat(out2 / "kept/inner/f").st_mode)
 
 
@@ -106,7 +119,7 @@ def test_nothing_is_made_below_a_name_that_is_no_directory(tmp_path: Path) -> No
     (disk / "was-dir").write_text("a file now\n")
     held = {"was-dir", "was-dir/child", "absent", "absent/child"}
     out = tmp_path / "delta"
-    delta.build(disk, out, held, set())
+    build(disk, out, held, set())
     assert sorted(os.listdir(out)) == ["absent", "was-dir"]
     assert os.path.isfile(out / "was-dir")
 
