@@ -107,12 +107,22 @@ def test_pacman_install_and_run(arch_box: Container) -> None:
     assert not box.disk(f"{TARGET}/b.txt").exists()
     box.run("systemctl start asd-resync.service")
     assert box.disk(f"{TARGET}/b.txt").read_text() == "written in RAM\n"
+    # 2 MB in the upper layer: the resync gives that RAM back, under systemd, and the target
+    # shows the same file from the next overlay (its upper layer is upper.1).
+    box.run(
+        f"head -c 2000000 /dev/urandom > {TARGET}/big.bin && sha256sum {TARGET}/big.bin > /root/sum"
+    )
+    box.run("systemctl start asd-resync.service")
+    assert "of RAM back" in box.out("journalctl -u asd-resync.service --no-pager")
+    assert "/upper.1," in box.out(f"grep ' {TARGET} ' /proc/self/mountinfo")
+    box.run("sha256sum -c /root/sum")
 
     box.run(f"echo 'written before stop' > {TARGET}/c.txt")
     box.run("systemctl stop asd.service")
     assert box.mounted_under(TARGET, "/tmp/asd-root") == []
     assert box.disk(f"{TARGET}/c.txt").read_text() == "written before stop\n"
     assert box.disk(f"{TARGET}/a.txt").read_text() == "on disk before sync\n"
+    assert box.disk(f"{TARGET}/big.bin").stat().st_size == 2000000
 
 
 def test_pacman_remove_stops_asd_first(arch_box: Container) -> None:
