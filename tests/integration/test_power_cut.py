@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CHANGES, World, populate
+from tests.integration.conftest import CHANGES, World, booted_world, populate
 from tests.integration.manifest import differences, manifest
 
 SYSCALLS = (
@@ -41,6 +42,10 @@ SYSCALLS = (
     "fchmodat",
     "fchownat",
     "setxattr",
+    # overlay mode's RAM give-back (asd.shrink): the delta's links and whiteouts, the attach
+    "linkat",
+    "mknodat",
+    "move_mount",
 )
 
 
@@ -201,6 +206,37 @@ def _ram_manifest(world: World, target: Path) -> dict[str, object]:
 
 def test_crash_during_resync(world: World) -> None:
     assert run_scenario(world, ("resync",), synced_and_changed) > 0
+
+
+def synced_changed_and_large(
+    world: World, target: Path
+) -> tuple[dict[str, object], dict[str, object]]:
+    """As `synced_and_changed`, with 2 MB more in RAM: overlay mode's resync then gives
+    the upper layer's RAM back (asd.shrink) after its commit."""
+    before, _after = synced_and_changed(world, target)
+    world.run(["sh", "-c", 'head -c 2000000 /dev/urandom > "$1/large.bin"', "x", str(target)])
+    return before, _ram_manifest(world, target)
+
+
+@pytest.fixture
+def overlay_world() -> Iterator[World]:
+    with booted_world(overlay=True) as w:
+        yield w
+
+
+def test_crash_during_resync_that_gives_ram_back(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.disk / "t"
+    world.write_conf(target)
+    target.mkdir()
+    populate(target)
+    synced_changed_and_large(world, target)
+    every = count_points(world, "resync")
+    assert ("umount2", 1) in every and ("move_mount", 1) in every, "no switch was traced"
+    world.power_cut()
+    shutil.rmtree(target)
+    world.boot()
+    assert run_scenario(world, ("resync",), synced_changed_and_large) > 0
 
 
 def test_crash_during_sync(world: World) -> None:
