@@ -47,7 +47,7 @@ from asd.mounts import Mount, MountTable, is_layer_of
 from asd.run import run
 from asd.state import RunState, StateStore, write_json_atomic
 from asd.steps import Step
-from asd.tree import Index, diff, disk_usage
+from asd.tree import Index, diff, disk_usage, is_dir
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,15 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
     return Shrink(layout.target, "done", used, detail)
 
 
+def _inside(rel: str, names: set[str]) -> bool:
+    """Whether ``rel`` is one of ``names`` or below one of them."""
+    while rel:
+        if rel in names:
+            return True
+        rel = rel.rpartition("/")[0]
+    return False
+
+
 def _unmount_when_free(path: Path) -> bool:
     if mountapi.unmount(path):
         return True
@@ -264,10 +273,14 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
     # Changed in the new layer since it became visible: newer than the old layer's version.
     start, _scope = index.load(_start(nxt))
     seen = upper.upper_index(nxt)
-    conflicts = [
-        rel for rel in (*changes.deleted, *changes.files) if seen.get(rel) != start.get(rel)
-    ]
-    skip = set(conflicts)
+    newer = {rel for rel, entry in seen.items() if entry != start.get(rel)}
+    # A name the new layer made into something else than a directory (a symlink where the
+    # old layer had a directory, say) hides the old layer's whole subtree there.
+    blocked = {rel for rel in newer if rel and not is_dir(seen[rel])}
+    conflicts = [r for r in (*changes.deleted, *changes.files) if r in newer or _inside(r, blocked)]
+    conflicts += [d for d in changes.dirs if d and _inside(d, blocked)]
+    # A directory the new layer changed keeps its own metadata; what is below it still comes.
+    skip = set(conflicts) | {d for d in changes.dirs if d in newer}
     fd = os.open(layout.target, O_DIR)
     try:
         for rel in changes.deleted:

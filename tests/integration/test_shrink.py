@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -384,3 +385,48 @@ def test_a_directory_swapped_for_a_symlink_during_the_delta_is_refused(
     os.utime(target, ns=(root_mtime, root_mtime))  # the swap's own traces on the disk copy
     world.asd("unsync", check=True)
     assert manifest(target) == view
+
+
+REDIRECTED = r"""
+import os, runpy, sys
+from pathlib import Path
+from asd import shrink
+target, conf, outside = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+unmount, carry = shrink._unmount_when_free, shrink._carry_over
+
+def window_write(path):
+    os.makedirs(target / "win" / "dir")
+    (target / "win" / "dir" / "file").write_text("written in the window\n")
+    return unmount(path)
+
+def symlink_first(layout, nxt):
+    # In the new layer, before asd carries the window's writes over, the target's owner
+    # puts a symlink where the window made a directory.
+    os.symlink(outside, target / "win")
+    return carry(layout, nxt)
+
+shrink._unmount_when_free, shrink._carry_over = window_write, symlink_first
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_the_carry_over_never_writes_through_a_symlink_made_in_the_new_layer(
+    overlay_world: World,
+) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    outside = world.base / "outside"
+    outside.mkdir()
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    world.run([sys.executable, "-c", REDIRECTED, str(target), str(world.conf), str(outside)])
+    assert list(outside.iterdir()) == [], "root wrote through the owner's symlink"
+    view = inside_manifest(world, target)
+    # The later change wins: the symlink stays, the window's directory is not put back.
+    assert view["win"]["type"] == stat.S_IFLNK, view["win"]  # type: ignore[index]
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
+    assert list(outside.iterdir()) == []
