@@ -228,8 +228,13 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
             run(["umount", "-l", str(layout.ram_copy)])  # only asd's own path: root-only
         with mountapi.descriptor(mountapi.clone(layout.target)) as fd:
             mountapi.attach(fd, layout.ram_copy)
+    # The new sync point: the new layer as first seen, but what it copied from the old one
+    # (files kept for patching, their directories, the root) as the resync wrote it to disk,
+    # so that a write to them after the resync's walk is still found different.
     start, _scope = index.load(_start(nxt))
-    index.save(layout.index_file, start, "upper")
+    baseline, _scope = index.load(nxt.baseline)
+    point = {rel: baseline.get(rel, entry) for rel, entry in start.items()}
+    index.save(layout.index_file, point, "upper")
     write_json_atomic(layout.generation_file, nxt.generation)
     state.actions[target].remove(step.to_json())
     store.save(state)

@@ -430,3 +430,40 @@ def test_the_carry_over_never_writes_through_a_symlink_made_in_the_new_layer(
     world.asd("unsync", check=True)
     assert manifest(target) == view
     assert list(outside.iterdir()) == []
+
+
+BEFORE_KEEP = r"""
+import runpy, sys
+from pathlib import Path
+from asd import shrink
+target, conf = Path(sys.argv[1]), sys.argv[2]
+keep = shrink._keep
+
+def appended_first(layout, nxt, hot):
+    assert "docs/a.txt" in hot, hot
+    with open(target / "docs" / "a.txt", "a") as fh:  # after the resync's walk
+        fh.write("appended before the copy\n")
+    return keep(layout, nxt, hot)
+
+shrink._keep = appended_first
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_a_kept_file_written_after_the_walk_reaches_the_disk_at_the_next_resync(
+    overlay_world: World,
+) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "zero"], check=True)
+    world.asd("resync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    world.run([sys.executable, "-c", BEFORE_KEEP, str(target), str(world.conf)], check=True)
+    view = inside_manifest(world, target)
+    assert view["docs/a.txt"]["data"].endswith(b"appended before the copy\n")  # type: ignore[index]
+    world.asd("resync", check=True)
+    assert manifest(target) == view
