@@ -6,18 +6,23 @@ disk copy, asd builds the next generation of the target's overlay:
 
 1. a delta on the disk copy's file system (`asd.delta`): the names the upper layer held, as
    the disk copy now has them, over the lower tree made at sync;
-2. a new overlay of an empty upper layer in RAM over ``delta:lower``, made without a mount
-   point, and attached *beneath* the bind mount that shows the old overlay at the target
-   (`asd.mountapi`); up to here nobody sees anything of it;
+2. a new overlay over ``delta:lower``, its upper layer in RAM holding only the files changed
+   at this resync and the one before (a log, a database: kept so that the next resync can
+   patch their disk file in place, which a file the delta links cannot be), made without a
+   mount point, and attached *beneath* the bind mount that shows the old overlay at the
+   target (`asd.mountapi`); up to here nobody sees anything of it;
 3. the old bind mount is unmounted — never lazily. That fails while a process has a file,
    a working directory or a mapping under the target (EBUSY): then nothing changed for
    anybody, the new overlay waits beneath, and the next resync tries again ("pending").
    asd asks /proc who holds files first and does not start while anybody does ("deferred");
 4. the old upper layer is now out of everybody's sight. What programs wrote to it after the
-   resync's walk, before the switch, is copied into the new overlay (a name the new overlay
-   has changed since it became visible is newer, and kept);
+   resync's walk, before the switch, is copied into the new overlay. A name the new overlay
+   changed since it became visible is newer and kept, and so is everything below a name it
+   made into something else than a directory (nothing is written through a symlink there);
 5. the overlay at the RAM copy's path is replaced too, the new layer's index becomes the
-   sync point, and the old upper layer, work directory and delta are removed: the RAM is free.
+   sync point (with what it copied from the old layer as the resync wrote it to disk, so a
+   write after the walk is still found), and the old upper layer, work directory and delta
+   are removed: the RAM is free.
 
 The run state records the new overlay before it is attached (a "beneath" action), so an asd
 interrupted at any point finishes the switch at its next run, or unmounts it at unsync, and
@@ -40,6 +45,7 @@ from pathlib import Path
 from asd import coreutils, delta, index, mountapi, rsync, upper
 from asd.dirfd import open_private_dir, parent_at, rel_parts, remove_at
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
+from asd.disks import human_size
 from asd.errors import AsdError, CommandError
 from asd.holders import holders
 from asd.layout import TargetLayout
@@ -65,8 +71,6 @@ class Shrink:
     detail: str = ""
 
     def describe(self) -> str:
-        from asd.disks import human_size
-
         if self.outcome == "done":
             text = f"{self.target}: gave {human_size(self.freed)} of RAM back"
             return text + (f" ({self.detail})" if self.detail else "")
@@ -102,7 +106,9 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     if held:
         shown = "; ".join(h.describe() for h in held[:3])
         return Shrink(layout.target, "deferred", 0, f"in use: {shown}")
-    baseline, _scope = index.load(layout.index_file)
+    baseline, scope = index.load(layout.index_file)
+    if scope != "upper":  # not an index of the upper layer: the next resync will save one
+        return Shrink(layout.target, "small", used)
     nxt = dataclasses.replace(layout, generation=layout.generation + 1)
     _remove_generation(nxt)  # an attempt interrupted before it was recorded
     try:
