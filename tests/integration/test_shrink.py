@@ -467,3 +467,30 @@ def test_a_kept_file_written_after_the_walk_reaches_the_disk_at_the_next_resync(
     assert view["docs/a.txt"]["data"].endswith(b"appended before the copy\n")  # type: ignore[index]
     world.asd("resync", check=True)
     assert manifest(target) == view
+
+
+def test_unsync_force_while_a_switch_waits_leaves_nothing_behind(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
+    try:
+        deadline = time.monotonic() + 10
+        while "3 ->" not in world.sh(f"ls -l /proc/{holder.pid}/fd || true").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
+        assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
+        world.sh(f"echo 'while pending' >> '{target}/docs/a.txt'")
+        view = inside_manifest(world, target)
+        out = world.asd("unsync", "--force", check=True)
+        assert "pid" in out.stderr, out.stderr  # the holder is named
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    assert manifest(target) == view
+    assert world.asd_mounts() == []
+    assert not (target / ".asd-work").exists()
