@@ -125,7 +125,13 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
                 os.close(out_fd)
         nxt.upper.mkdir(mode=0o700)
         nxt.overlay_work.mkdir(mode=0o700)
-        _keep(layout, nxt, hot)
+        copied = _keep(layout, nxt, hot)
+        # Copied after the resync's walk: whatever the old layer shows now that differs from
+        # what the resync wrote may be in the copies and not on disk. The new sync point will
+        # give those names the resync's entries, so that the next resync writes them.
+        after = upper.upper_index(layout)
+        stale = {r: baseline[r] for r in copied if r in baseline and after.get(r) != baseline[r]}
+        index.save(_stale(nxt), stale, "upper")
         index.save(nxt.baseline, baseline, "upper")
     except (OSError, AsdError) as exc:
         # Nothing is mounted or recorded yet: the next layer is only files of asd's own.
@@ -176,10 +182,10 @@ def _hot(layout: TargetLayout, baseline: Index) -> set[str]:
     }
 
 
-def _keep(layout: TargetLayout, nxt: TargetLayout, hot: set[str]) -> None:
+def _keep(layout: TargetLayout, nxt: TargetLayout, hot: set[str]) -> set[str]:
     """The new upper layer: its root, and the ``hot`` files with their directories, copied
     from the old one (which shows them as the merged view does) without overlayfs's own
-    attributes, which belong to the old layer's origins."""
+    attributes, which belong to the old layer's origins. Returns the names it copied."""
     dirs = {""}
     for rel in sorted(hot):
         parts = rel.split("/")
@@ -194,6 +200,11 @@ def _keep(layout: TargetLayout, nxt: TargetLayout, hot: set[str]) -> None:
                 os.removexattr(nxt.upper / rel, name, follow_symlinks=False)
     for sub in sorted(dirs, reverse=True):
         set_dir_metadata(nxt.upper / sub if sub else nxt.upper, _own_metadata(layout.upper / sub))
+    return dirs | hot
+
+
+def _stale(layout: TargetLayout) -> Path:
+    return layout.overlay_dir / f"stale.{layout.generation}"
 
 
 def _own_metadata(path: Path) -> dict[str, object]:
@@ -234,12 +245,11 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
             run(["umount", "-l", str(layout.ram_copy)])  # only asd's own path: root-only
         with mountapi.descriptor(mountapi.clone(layout.target)) as fd:
             mountapi.attach(fd, layout.ram_copy)
-    # The new sync point: the new layer as first seen, but what it copied from the old one
-    # (files kept for patching, their directories, the root) as the resync wrote it to disk,
-    # so that a write to them after the resync's walk is still found different.
+    # The new sync point: the new layer as first seen, but names it copied from the old one
+    # after they were written again as the resync wrote them to disk (see `shrink_target`).
     start, _scope = index.load(_start(nxt))
-    baseline, _scope = index.load(nxt.baseline)
-    point = {rel: baseline.get(rel, entry) for rel, entry in start.items()}
+    stale, _scope = index.load(_stale(nxt))
+    point = {**start, **stale}
     index.save(layout.index_file, point, "upper")
     write_json_atomic(layout.generation_file, nxt.generation)
     state.actions[target].remove(step.to_json())
@@ -347,5 +357,5 @@ def _remove_generation(layout: TargetLayout) -> None:
     if layout.generation:
         with contextlib.suppress(FileNotFoundError), _disk_dirs(layout) as (_disk, work_fd):
             remove_at(work_fd, layout.delta.name)
-    for path in (layout.baseline, _start(layout)):
+    for path in (layout.baseline, _start(layout), _stale(layout)):
         path.unlink(missing_ok=True)

@@ -81,6 +81,8 @@ def test_resync_gives_the_upper_layer_back_and_the_view_never_changes(
         assert upper_bytes(world) < 64 * 1024, f"resync {n}: the RAM was not given back"
         stacked = [m for m in world.asd_mounts() if "asd-overlay" in m]
         assert len(stacked) == 2, stacked  # the overlay at the RAM path and its bind
+        idle = world.asd("resync", check=True).stdout
+        assert "nothing changed" in idle, f"resync {n}: the switch left work for the next: {idle}"
     # Unchanged since the last switch, then changed again through the new layer.
     world.sh(f"echo after >> '{target}/docs/a.txt' && rm '{target}/new dir/deeper/file'")
     final = inside_manifest(world, target)
