@@ -146,6 +146,7 @@ def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> S
     actions = state.actions[str(layout.target)]
     step = Step("beneath", str(layout.target), str(layout.target), str(nxt.upper))
     with mountapi.descriptor(made) as fd:
+        _look_up(fd, copied)
         index.save(_start(nxt), upper.upper_index(nxt), "upper")  # what it is when first seen
         actions.insert(len(actions) - 1, step.to_json())
         store.save(state)
@@ -201,6 +202,19 @@ def _keep(layout: TargetLayout, nxt: TargetLayout, hot: set[str]) -> set[str]:
     for sub in sorted(dirs, reverse=True):
         set_dir_metadata(nxt.upper / sub if sub else nxt.upper, _own_metadata(layout.upper / sub))
     return dirs | hot
+
+
+def _look_up(mount_fd: int, names: set[str]) -> None:
+    """Look up the names asd copied into the new upper layer through the new overlay, before
+    anybody else does: overlayfs marks upper directories with attributes of its own on their
+    first lookup (origin, impure), which moves their ctime; done now, that is not taken for
+    a program's change at the next resync."""
+    base = Path(f"/proc/self/fd/{mount_fd}")
+    for rel in sorted(names):
+        path = base / rel if rel else base
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                os.listdir(path)
 
 
 def _stale(layout: TargetLayout) -> Path:
