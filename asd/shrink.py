@@ -92,10 +92,17 @@ def _is_layer(mount: Mount | None, upper_dir: Path) -> bool:
     return is_layer_of(mount, str(upper_dir))
 
 
-def shrink_target(layout: TargetLayout, state: RunState, store: StateStore) -> Shrink:
-    """Give ``layout``'s upper layer back (its generation is the one mounted), or say why not."""
+def shrink_target(
+    layout: TargetLayout, state: RunState, store: StateStore, vanished: bool = False
+) -> Shrink:
+    """Give ``layout``'s upper layer back (its generation is the one mounted), or say why not.
+    ``vanished``: the resync could not copy some files; they are not on disk, so the new
+    layer would have to get them from the old one in the carry-over. Not this time."""
     if pending_step(state, str(layout.target)) is not None:
         return resume(layout, state, store)
+    if vanished:
+        why = "files vanished while the resync copied them; the next resync writes them first"
+        return Shrink(layout.target, "deferred", 0, why)
     if layout.generation:
         # A switch interrupted after it was done leaves the layer before it: remove it.
         _remove_generation(dataclasses.replace(layout, generation=layout.generation - 1))
@@ -333,13 +340,15 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
         list_file = layout.index_file.with_suffix(".carry")
         list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
         try:
-            run(
-                rsync.copy_listed(layout.ram_copy, layout.target, list_file),
-                ok_codes=rsync.ok_codes(allow_vanished=True),
-            )
+            # Nothing can vanish from the old layer now that nobody sees it: whatever rsync
+            # could not copy is an error, and the switch stays pending with that layer kept.
+            run(rsync.copy_listed(layout.ram_copy, layout.target, list_file))
         except CommandError as exc:
-            if not rsync.only_vanished(exc.exit_code, exc.stderr):
-                raise
+            raise exc.reworded(
+                f"{layout.target}: could not copy what was written during the switch to the "
+                "next RAM layer; the switch stays pending, the previous layer is kept, and "
+                "the next resync tries again"
+            ) from None
         finally:
             list_file.unlink(missing_ok=True)
     if root is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from asd import devices, shrink, steps, tree, upper
 from asd.config import Config
 from asd.disks import human_size
-from asd.errors import SafetyError, StateError
+from asd.errors import AsdError, SafetyError, StateError
 from asd.holders import Holder, holders
 from asd.layout import WORK_NAME, Instance, TargetLayout
 from asd.mounts import MountTable
@@ -195,25 +195,46 @@ class Engine:
         return state
 
     def resync(self) -> list[WriteBack | shrink.Shrink]:
-        """Write every target back; in overlay mode, then give its upper layer's RAM back."""
+        """Write every target back; in overlay mode, then give its upper layer's RAM back.
+        A switch of RAM layers that fails leaves that target as it was and the others go on;
+        the first such failure is raised at the end."""
         state = self.running_state()
         results: list[WriteBack | shrink.Shrink] = []
+        failed: list[AsdError] = []
         for target in [t for t in state.actions if self.complete(state, t)]:
-            self.finish_switch(state, target)
+            try:
+                self.finish_switch(state, target)
+            except AsdError as exc:
+                failed.append(exc)
+                continue
             layout = self.layout(target)
-            results.append(resync_target(layout))
+            written = resync_target(layout)
+            results.append(written)
             if upper.is_overlay(layout):
-                done = shrink.shrink_target(layout, state, self.store)
+                try:
+                    done = shrink.shrink_target(layout, state, self.store, bool(written.vanished))
+                except AsdError as exc:
+                    state.ram[target] = f"RAM not given back yet: {exc}"
+                    self.store.save(state)
+                    failed.append(exc)
+                    continue
                 state.ram[target] = done.describe()
                 self.store.save(state)
                 results.append(done)
+        if failed:
+            raise failed[0]
         return results
 
     def finish_switch(self, state: RunState, target: str) -> None:
         """A switch to the next RAM layer that an earlier run left waiting: finish it first,
         so that what is written back is what the target shows."""
         if shrink.pending_step(state, target) is not None:
-            done = shrink.resume(self.layout(target), state, self.store)
+            try:
+                done = shrink.resume(self.layout(target), state, self.store)
+            except AsdError as exc:
+                state.ram[target] = f"RAM not given back yet: {exc}"
+                self.store.save(state)
+                raise
             state.ram[target] = done.describe()
             self.store.save(state)
             if done.outcome != "done":

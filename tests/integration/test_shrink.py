@@ -496,3 +496,80 @@ def test_unsync_force_while_a_switch_waits_leaves_nothing_behind(overlay_world: 
     assert manifest(target) == view
     assert world.asd_mounts() == []
     assert not (target / ".asd-work").exists()
+
+
+CARRY_FAILS = r"""
+import runpy, sys
+from pathlib import Path
+from asd import rsync, shrink
+target, conf = Path(sys.argv[1]), sys.argv[2]
+unmount, copy_listed = shrink._unmount_when_free, rsync.copy_listed
+
+def window_write(path):
+    (target / "window.txt").write_text("written in the window\n")
+    return unmount(path)
+
+def carry_over_fails(src, dst, list_file):
+    if Path(dst) == target:  # the carry-over's copy, not the resync's
+        return ["sh", "-c", "echo 'rsync: read error' >&2; exit 23"]
+    return copy_listed(src, dst, list_file)
+
+shrink._unmount_when_free, rsync.copy_listed = window_write, carry_over_fails
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_a_failed_carry_over_keeps_the_old_layer_and_the_next_resync_finishes(
+    overlay_world: World,
+) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    proc = world.run([sys.executable, "-c", CARRY_FAILS, str(target), str(world.conf)])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not copy what was written during the switch" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    said = parse_json(world)["targets"][0]["ram_given_back"]  # type: ignore[index]
+    assert "not given back yet" in str(said), said
+    assert upper_bytes(world) >= 3 * MIB  # the old layer is kept
+    out = world.asd("resync", check=True).stdout
+    view = inside_manifest(world, target)
+    assert view["window.txt"]["data"] == b"written in the window\n", out  # type: ignore[index]
+    world.asd("resync", check=True)
+    assert manifest(target) == view
+    assert upper_bytes(world) < 64 * 1024
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
+
+
+VANISHED = r"""
+import dataclasses, runpy, sys
+from asd import sync
+resync_target = sync.resync_target
+
+def one_vanished(layout):
+    # As when rsync could not read a file it had listed: it is not on disk, nor in the
+    # index the delta would be built from.
+    return dataclasses.replace(resync_target(layout), vanished=("new dir/deeper/file",))
+
+sync.resync_target = one_vanished
+sys.argv = ["asd", "-c", sys.argv[1], "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_no_switch_after_a_resync_that_could_not_copy_everything(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    proc = world.run([sys.executable, "-c", VANISHED, str(world.conf)], check=True)
+    assert "vanished while the resync copied them" in proc.stdout, proc.stdout
+    assert upper_bytes(world) >= 3 * MIB
+    assert "of RAM back" in world.asd("resync", check=True).stdout

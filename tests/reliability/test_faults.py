@@ -198,11 +198,15 @@ def test_eio_renaming_into_place_after_the_commit_point(synced: Synced) -> None:
 
 
 def patched_next(synced: Synced) -> Path:
-    """Resync once (in overlay mode that replaces app.log, which the lower layer links), then
-    append to app.log again: the next resync patches it in place (`asd.patch`)."""
+    """Resync twice, appending to app.log before each, then append again: the next resync
+    patches it in place (`asd.patch`). In overlay mode the first resync replaces app.log
+    (the lower layer links it) and may give the RAM back, after which the delta links it;
+    the second replaces it again and keeps it in the new upper layer (changed at both)."""
     world = synced.world
     world.asd("resync", check=True)
     world.sh(f"echo 'written after the first resync' >> {synced.target}/app.log")
+    world.asd("resync", check=True)
+    world.sh(f"echo 'written after the second resync' >> {synced.target}/app.log")
     synced.disk_before, synced.ram_before = synced.disk(), synced.ram()
     return synced.layout.backup / "app.log"
 
