@@ -56,6 +56,24 @@ def upper_bytes(world: World) -> int:
     return int(world.run([sys.executable, "-c", code], check=True).stdout)
 
 
+def synced_and_changed(world: World) -> Path:
+    """A target synced in overlay mode, with CHANGES made in RAM (more than 3 MiB)."""
+    target = world.target("srv/t")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    return target
+
+
+def wait_until_open(world: World, pid: int) -> None:
+    """Until the process ``pid`` (in the namespace) has its file descriptor 3 open."""
+    deadline = time.monotonic() + 10
+    while "3 ->" not in world.sh(f"ls -l /proc/{pid}/fd || true").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def parse_json(world: World) -> dict[str, object]:
     doc: dict[str, object] = json.loads(world.asd("parse", "--json", check=True).stdout)
     return doc
@@ -94,17 +112,10 @@ def test_resync_gives_the_upper_layer_back_and_the_view_never_changes(
 
 def test_a_file_held_open_defers_and_parse_says_so(overlay_world: World) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
     try:
-        deadline = time.monotonic() + 10
-        while "3 ->" not in world.sh(f"ls -l /proc/{holder.pid}/fd || true").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_open(world, holder.pid)
         out = world.asd("resync", check=True).stdout
         assert "not given back yet" in out and "in use" in out, out
         view = inside_manifest(world, target)
@@ -128,11 +139,7 @@ def test_a_power_cut_after_a_switch_leaves_the_last_resync_on_disk(
     overlay_world: World,
 ) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     world.asd("resync", check=True)
     synced = inside_manifest(world, target)
     world.sh(f"echo lost >> '{target}/docs/a.txt'")  # in RAM only: the power cut takes it
@@ -216,11 +223,7 @@ def test_a_kernel_that_cannot_switch_keeps_the_ram_and_nothing_else(
     overlay_world: World, call: str
 ) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     before = world.asd_mounts()
     proc = world.run([sys.executable, "-c", OLD_KERNEL, str(world.conf), call], check=True)
     assert "of RAM kept" in proc.stdout and "Linux 6.8" in proc.stdout, proc.stdout
@@ -274,11 +277,7 @@ def test_an_asd_killed_during_the_switch_is_finished_or_undone_by_the_next_run(
     overlay_world: World, point: str, then: str
 ) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     view = inside_manifest(world, target)
     proc = world.run([sys.executable, "-c", INTERRUPTED, str(world.conf), point])
     assert proc.returncode == 9, proc.stdout + proc.stderr
@@ -308,17 +307,10 @@ runpy.run_module("asd", run_name="__main__")
 
 def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: World) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
     try:
-        deadline = time.monotonic() + 10
-        while "3 ->" not in world.sh(f"ls -l /proc/{holder.pid}/fd || true").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_open(world, holder.pid)
         proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
         assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
         assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 3  # one waits
@@ -473,17 +465,10 @@ def test_a_kept_file_written_after_the_walk_reaches_the_disk_at_the_next_resync(
 
 def test_unsync_force_while_a_switch_waits_leaves_nothing_behind(overlay_world: World) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
     try:
-        deadline = time.monotonic() + 10
-        while "3 ->" not in world.sh(f"ls -l /proc/{holder.pid}/fd || true").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_open(world, holder.pid)
         proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
         assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
         world.sh(f"echo 'while pending' >> '{target}/docs/a.txt'")
@@ -524,11 +509,7 @@ def test_a_failed_carry_over_keeps_the_old_layer_and_the_next_resync_finishes(
     overlay_world: World,
 ) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    target = synced_and_changed(world)
     proc = world.run([sys.executable, "-c", CARRY_FAILS, str(target), str(world.conf)])
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "could not copy what was written during the switch" in proc.stderr, proc.stderr
@@ -564,11 +545,7 @@ runpy.run_module("asd", run_name="__main__")
 
 def test_no_switch_after_a_resync_that_could_not_copy_everything(overlay_world: World) -> None:
     world = overlay_world
-    target = world.target("srv/t")
-    populate(target)
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.run(["sh", "-c", CHANGES, "changes", str(target), "one"], check=True)
+    synced_and_changed(world)
     proc = world.run([sys.executable, "-c", VANISHED, str(world.conf)], check=True)
     assert "vanished while the resync copied them" in proc.stdout, proc.stdout
     assert upper_bytes(world) >= 3 * MIB
