@@ -13,14 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from asd import __version__, config, report, snapshots
 from asd.errors import AsdError, CommandError, ConfigError, SafetyError, StateError
 from asd.layout import Instance
 from asd.mounts import MountTable
 from asd.state import StateStore, locked
-from asd.sync import Engine, describe_plan
-from asd.writeback import pending
+
+if TYPE_CHECKING:
+    from asd.sync import Engine
 
 log = logging.getLogger("asd")
 
@@ -163,6 +165,10 @@ def dispatch(args: argparse.Namespace, out: Output) -> int:
         return 0
     if os.geteuid() != 0:
         raise StateError(f"'asd {command}' changes mounts and must run as root (try sudo)")
+    # Imported here, not at the top: parse is what users and monitoring run, and it needs none
+    # of the machinery that changes mounts.
+    from asd.sync import Engine
+
     engine = Engine(conf, instance, out.say, out.warn)
     if getattr(args, "dry_run", False):
         return dry_run(command, engine, out)
@@ -171,6 +177,9 @@ def dispatch(args: argparse.Namespace, out: Output) -> int:
 
 
 def dry_run(command: str, engine: Engine, out: Output) -> int:
+    from asd.sync import describe_plan
+    from asd.writeback import pending
+
     state = engine.store.load()
     if command == "sync":
         if state is not None:
