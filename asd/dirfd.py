@@ -6,7 +6,7 @@ RAM copy) as root.
 - `parent_at(root_fd, parts, where)`, `open_dir_at(root_fd, rel, where)`, `exists_at`,
   `remove_at`: reach and change entries below an opened directory.
 - `rel_parts(rel)`: the components of a relative path a record names, refusing ``..`` and the like.
-- `fsync_fd`, `fsync_path`, `fsync_tree`, `syncfs`, `remove_tree`, `named`: errors name the
+- `fsync_fd`, `fsync_path`, `syncfs`, `remove_tree`, `named`: errors name the
   user's path.
 """
 
@@ -39,26 +39,6 @@ def fsync_path(path: Path) -> None:
         fsync_fd(fd, path)
     finally:
         os.close(fd)
-
-
-def fsync_tree(root_fd: int, shown: Path) -> None:
-    """fsync every regular file and directory below the opened directory ``root_fd``
-    (symlinks have no data), never following a symlink; errors name ``shown``/…"""
-    for dirpath, _dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=root_fd):
-        here = shown / dirpath
-        for name in filenames:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    continue  # a symlink
-                raise named(exc, here / name) from exc
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    fsync_fd(fd, here / name)
-            finally:
-                os.close(fd)
-        fsync_fd(dir_fd, here)
 
 
 def remove_tree(path: Path) -> None:

@@ -3,12 +3,18 @@
 The disk copy only ever moves from one sync point to the next:
 
 1. changed files are copied (by rsync, elsewhere) into ``.asd-work/stage`` on the disk copy's
-   own file system and fsynced;
+   own file system and made durable, all at once with `syncfs`;
 2. a commit record listing the deletions, directories and files is written to a temp file,
    fsynced and renamed to ``.asd-work/commit.json`` — this rename is the commit point;
 3. the record is applied: deletions, new directories, each staged file renamed over its old
    path, the staged blocks of each patched file written into it (`asd.patch`), then directory
-   metadata from the stage, deepest first; then the record and the stage are removed.
+   metadata from the stage, deepest first; one `syncfs` makes all of it durable; then the
+   record and the stage are removed.
+
+One `syncfs` per step, not an fsync per file and directory: each fsync is a journal commit and
+a cache flush of the device of its own (ext4 writes the same inode-table and directory blocks
+again at every commit), and the order that matters is between the steps. It also flushes what
+other programs left unwritten on that file system, which a step then waits for.
 
 Every apply step is idempotent, so `recover` rolls a committed record forward after a crash at
 any point, and throws away a stage that was never committed. A file is replaced by a new
@@ -38,7 +44,6 @@ from pathlib import Path
 
 from asd.dirfd import (
     exists_at,
-    fsync_tree,
     named,
     open_dir_at,
     open_private_dir,
@@ -115,7 +120,7 @@ class Journal:
         Each directory's metadata is read from the stage, unless ``given`` holds it.
         ``patches``: files written in place from their staged blocks (`asd.patch`)."""
         with self._work_fd() as wfd, open_dir_at(wfd, "stage", self.work) as sfd:
-            fsync_tree(sfd, self.stage)
+            syncfs(sfd, self.stage)
             dirs: dict[str, dict[str, object]] = {}
             for rel in changes.dirs:
                 if rel in given:
@@ -174,8 +179,9 @@ class Journal:
                 self._apply(wfd, dfd, deleted, dirs, files, at)
                 if patches:
                     self._apply_patches(wfd, dfd, patches, at)
-                    # Durable before the record goes: one commit for all of them.
-                    syncfs(dfd, self.disk)
+                # Durable before the record goes: one commit for all of it.
+                at[0] = ""
+                syncfs(dfd, self.disk)
             except OSError as exc:
                 # Descriptor-relative calls only know the last name: say the whole path.
                 raise named(exc, self.disk / at[0]) from exc
@@ -223,7 +229,6 @@ class Journal:
     ) -> None:
         """Apply a validated record; ``at[0]`` is kept at the entry being worked on."""
         disk = self.disk
-        touched: set[str] = set()
         new_files = set(files)
         for rel in deleted:
             at[0] = rel
@@ -242,7 +247,6 @@ class Journal:
                     remove_at(pfd, parts[-1])
             except FileNotFoundError:
                 continue
-            touched.add(rel.rpartition("/")[0])
         for rel in sorted(dirs, key=lambda r: r.count("/")):
             at[0] = rel
             if not rel:
@@ -269,21 +273,10 @@ class Journal:
                         os.rename(parts[-1], parts[-1], src_dir_fd=sfd, dst_dir_fd=pfd)
             except FileNotFoundError:
                 continue  # the staged file's directory is gone: renamed by an earlier apply
-            touched.add(rel.rpartition("/")[0])
         for rel in sorted(dirs, key=lambda r: r.count("/"), reverse=True):
             at[0] = rel
             with open_dir_at(dfd, rel, disk) as fd:
                 set_dir_metadata_fd(fd, dirs[rel])
-            touched.add(rel)
-        for rel in touched:
-            at[0] = rel
-            try:
-                with open_dir_at(dfd, rel, disk) as fd:
-                    os.fsync(fd)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, str(disk / rel)) from exc
 
     def recover(self) -> str | None:
         """Finish or discard what a crashed resync left. Says what it did, or None."""

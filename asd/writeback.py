@@ -5,9 +5,8 @@ sync point (`asd.tree`, stored by `asd.index`); the disk side is never walked. I
 mode only the upper layer is walked (`asd.upper`). A file that was there at the last sync
 point and changed in place has only its changed blocks staged (`asd.patch`); new files, and
 those a patch does not suit, are copied by rsync into the journal's stage on the disk copy's
-file system. The stage is made durable with one
-`syncfs` (one journal commit, where an fsync per file costs a commit each: ten times the
-bytes changed, for small files), then committed (`asd.journal`).
+file system, then committed (`asd.journal`, which makes each step durable with one `syncfs`:
+an fsync per file costs a journal commit each, ten times the bytes changed for small files).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import index, rsync, upper
-from asd.dirfd import syncfs
 from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
@@ -184,9 +182,6 @@ def resync_target(layout: TargetLayout) -> WriteBack:
             listed = [r for r in (*changes.dirs, *changes.files) if r]
             if listed:
                 copy_listed(layout, journal, listed, list_file, stage)
-            # Durable before the commit record names them; the journal's fsync of each
-            # staged file then finds nothing left to write.
-            syncfs(stage, journal.stage)
             vanished = tuple(r for r in listed if not journal.staged(stage, r))
         deleted = list(changes.deleted)
         for rel in vanished:

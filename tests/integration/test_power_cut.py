@@ -36,6 +36,7 @@ SYSCALLS = (
     "rmdir",
     "fsync",
     "fdatasync",
+    "syncfs",
     "mount",
     "umount2",
     "utimensat",
