@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("/etc/asd.conf")
@@ -78,34 +79,37 @@ class Instance:
 
 @dataclass(frozen=True)
 class TargetLayout:
+    """The paths of one target. Those that walks ask for once per file are computed once
+    (a frozen dataclass: they cannot go stale; `dataclasses.replace` makes a new layout)."""
+
     instance: Instance
     target: Path
     generation: int = 0  # overlay mode: how many times the RAM layer was replaced
 
-    @property
+    @cached_property
     def _rel(self) -> Path:
         return self.target.relative_to("/")
 
-    @property
+    @cached_property
     def backup(self) -> Path:
         return backup_path(self.target)
 
-    @property
+    @cached_property
     def ram_copy(self) -> Path:
         return self.instance.ram_root / self._rel
 
-    @property
+    @cached_property
     def overlay_dir(self) -> Path:
         return self.instance.ram_root / ".overlay" / self._rel
 
     def _numbered(self, name: str) -> str:
         return f"{name}.{self.generation}" if self.generation else name
 
-    @property
+    @cached_property
     def upper(self) -> Path:
         return self.overlay_dir / self._numbered("upper")
 
-    @property
+    @cached_property
     def overlay_work(self) -> Path:
         return self.overlay_dir / self._numbered("work")
 
@@ -119,7 +123,7 @@ class TargetLayout:
         """The index of the upper layer that this generation's delta was built from."""
         return self.overlay_dir / f"baseline.{self.generation}"
 
-    @property
+    @cached_property
     def disk_work(self) -> Path:
         """asd's journal directory inside the disk copy, reached through the backup bind."""
         return self.backup / WORK_NAME
@@ -136,11 +140,11 @@ class TargetLayout:
     def commit_record(self) -> Path:
         return self.disk_work / "commit.json"
 
-    @property
+    @cached_property
     def lower(self) -> Path:
         return self.disk_work / "lower"
 
-    @property
+    @cached_property
     def delta(self) -> Path:
         """What changed between the lower tree and the disk copy when this generation began:
         hard links to the disk copy's files, whiteouts, opaque directories."""
