@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from asd.layout import Instance, TargetLayout
+from asd.layout import WORK_NAME, Instance, TargetLayout
 from tests.integration.conftest import CHANGES, populate
 from tests.integration.manifest import differences, manifest
 from tests.integration.test_lifecycle import inside_manifest
@@ -169,14 +169,30 @@ def test_eio_reading_a_ram_files_acl_is_no_vanish(synced: Synced) -> None:
     record("faults", f"EIO reading one RAM file's ACL ({mode(synced.world)})", "passed")
 
 
-def test_eio_from_fsync_of_a_staged_file(synced: Synced) -> None:
-    """The disk reports lost writes at fsync (how write-back errors reach programs)."""
-    staged = synced.layout.stage / "new" / "tree" / "file"
-    prefix = strace("-P", str(staged), "-e", "trace=fsync", "-e", "inject=fsync:error=EIO")
+def test_eio_making_the_stage_durable(synced: Synced) -> None:
+    """The disk reports lost writes when the stage is flushed (syncfs: how write-back errors
+    reach programs since Linux 5.8): nothing is committed."""
+    stage = synced.layout.stage
+    prefix = strace("-P", str(stage), "-e", "trace=syncfs", "-e", "inject=syncfs:error=EIO")
     proc = synced.world.asd("resync", prefix=prefix)
-    synced.failed_cleanly(proc, "new/tree/file", "Input/output error")
+    synced.failed_cleanly(proc, f"{WORK_NAME}/stage", "Input/output error")
     synced.recovers()
-    record("faults", f"EIO from fsync of a staged file (asd) ({mode(synced.world)})", "passed")
+    record("faults", f"EIO from syncfs of the stage (asd) ({mode(synced.world)})", "passed")
+
+
+def test_eio_making_the_applied_record_durable(synced: Synced) -> None:
+    """The renames are done but the flush after them fails: the record must stay, so the next
+    resync applies it again (idempotent) and flushes."""
+    backup = synced.layout.backup
+    prefix = strace("-P", str(backup), "-e", "trace=syncfs", "-e", "inject=syncfs:error=EIO")
+    proc = synced.world.asd("resync", prefix=prefix)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Input/output error" in proc.stderr and str(backup) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert synced.ram() == synced.ram_before
+    assert synced.world.sh(f"ls {synced.layout.commit_record}", check=False).returncode == 0
+    synced.recovers()
+    record("faults", f"EIO from syncfs after applying the record ({mode(synced.world)})", "passed")
 
 
 def test_eio_renaming_into_place_after_the_commit_point(synced: Synced) -> None:
