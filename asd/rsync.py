@@ -32,6 +32,12 @@ def copy_listed(src: Path, dst: Path, list_file: Path) -> list[str]:
     return [*argv, f"--files-from={list_file}", f"{src}/", f"{dst}/"]
 
 
+def copy_trees(src: Path, dst: Path, list_file: Path) -> list[str]:
+    """`copy_listed`, but a listed directory comes with everything below it."""
+    rsync, *rest = copy_listed(src, dst, list_file)
+    return [rsync, "-r", *rest]  # --files-from turns off the recursion -a implies
+
+
 def ok_codes(*, allow_vanished: bool) -> tuple[int, ...]:
     return (0, VANISHED) if allow_vanished else (0,)
 

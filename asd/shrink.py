@@ -19,6 +19,8 @@ disk copy, asd builds the next generation of the target's overlay:
    resync's walk, before the switch, is copied into the new overlay. A name the new overlay
    changed since it became visible is newer and kept, and so is everything below a name it
    made into something else than a directory (nothing is written through a symlink there);
+   the old layer's version of such a name is not dropped but saved, with its path, under
+   ``asd-conflict-<UTC time>`` at the top of the target, which the next resync writes to disk;
 5. the overlay at the RAM copy's path is replaced too, the new layer's index becomes the
    sync point (with what it copied from the old layer as the resync wrote it to disk, so a
    write after the walk is still found), and the old upper layer, work directory and delta
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import stat
@@ -46,7 +49,7 @@ from asd import coreutils, delta, index, mountapi, rsync, upper
 from asd.dirfd import open_private_dir, parent_at, rel_parts, remove_at
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
 from asd.disks import human_size
-from asd.errors import AsdError, CommandError
+from asd.errors import AsdError, CommandError, SafetyError
 from asd.holders import holders
 from asd.layout import TargetLayout
 from asd.mounts import Mount, MountTable, is_layer_of
@@ -61,6 +64,7 @@ MIN_BYTES = 1 << 20  # less than this in the upper layer is not worth a delta on
 OPTIONS = {"source": "asd-overlay", "redirect_dir": "on", "index": "on", "metacopy": "off"}
 KERNEL = "giving RAM back needs Linux 6.8 or later; it stays in use until unsync"
 WAIT = (0.05, 0.1, 0.2, 0.4, 0.8)  # retries of an unmount that was busy, seconds
+CONFLICTS = "asd-conflict"  # where the old layer's version of a name written twice goes
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
         held = holders([layout.target])
         shown = "; ".join(h.describe() for h in held[:3]) or "a file was opened meanwhile"
         return Shrink(layout.target, "pending", 0, f"in use: {shown}")
-    conflicts = _carry_over(layout, nxt)
+    conflicts, saved = _carry_over(layout, nxt)
     top = MountTable.read().top_at(layout.ram_copy)
     if not _is_layer(top, nxt.upper):
         if not mountapi.unmount(layout.ram_copy):
@@ -278,7 +282,9 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
     _remove_generation(layout)
     detail = ""
     if conflicts:
-        detail = f"kept the newer version of {len(conflicts)} files written twice meanwhile"
+        names = f"{len(conflicts)} name" + ("s" if len(conflicts) > 1 else "")
+        detail = f"{names} written during the switch and again after it: the later version kept"
+        detail += f", the earlier one saved in {layout.target / saved}" if saved else ""
         for rel in conflicts:
             log.warning("%s: written during the switch and again after it; kept the later", rel)
     return Shrink(layout.target, "done", used, detail)
@@ -303,14 +309,15 @@ def _unmount_when_free(path: Path) -> bool:
     return False
 
 
-def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
+def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> tuple[list[str], str | None]:
     """Copy into the new overlay what was written to the old one after the resync's walk.
-    Returns the names the new one changed too (its version is kept)."""
+    Returns the names the new one changed too (its version is kept) and the directory at the
+    top of the target where the old one's versions of them were saved (`_save_earlier`)."""
     baseline, _scope = index.load(nxt.baseline)
     now = upper.upper_index(layout)
     changes = diff(baseline, now)
     if changes.empty:
-        return []
+        return [], None
     changes = upper.expand(layout, baseline, now, changes)
     # Changed in the new layer since it became visible: newer than the old layer's version.
     start, _scope = index.load(_start(nxt))
@@ -353,7 +360,76 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> list[str]:
             list_file.unlink(missing_ok=True)
     if root is not None:
         set_dir_metadata(layout.target, root)
-    return conflicts
+    deleted = set(changes.deleted)
+    earlier = {_top(rel, blocked) for rel in conflicts if rel not in deleted}
+    return conflicts, _save_earlier(layout, earlier) if earlier else None
+
+
+def _top(rel: str, blocked: set[str]) -> str:
+    """The highest name on the way to ``rel`` that the new layer made a non-directory, or
+    ``rel`` itself: what of the old layer's version the new layer hides."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in blocked:
+            return "/".join(parts[:i])
+    return rel
+
+
+def _save_earlier(layout: TargetLayout, names: set[str]) -> str | None:
+    """Copy the old layer's version of ``names`` (with everything below them) into a new
+    directory at the top of the target, at the same paths; then give it the target's owner
+    and mode. rsync writes into it by descriptor, and it is closed to everyone until rsync is
+    done, so nothing the owner does meanwhile can send the copy elsewhere. Returns its name,
+    or None if none of them was left to save."""
+    top = [n for n in names if not _inside(n.rpartition("/")[0], names)]
+    list_file = layout.index_file.with_suffix(".conflicts")
+    fd = os.open(layout.target, O_DIR)
+    try:
+        name, out = _fresh_dir(fd, layout.target)
+        try:
+            list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in sorted(top)))
+            alias = Path(f"/proc/self/fd/{out}")
+            try:
+                run(rsync.copy_trees(layout.ram_copy, alias, list_file), pass_fds=(out,))
+            except CommandError as exc:
+                remove_at(fd, name)
+                raise exc.reworded(
+                    f"{layout.target}: could not save the earlier version of names written "
+                    "during the switch to the next RAM layer and again after it; the switch "
+                    "stays pending, the previous layer is kept, and the next resync tries again"
+                ) from None
+            if not os.listdir(out):  # gone from the old layer too (vanished meanwhile)
+                os.rmdir(name, dir_fd=fd)
+                return None
+            owner = os.fstat(fd)
+            os.fchown(out, owner.st_uid, owner.st_gid)
+            os.fchmod(out, stat.S_IMODE(owner.st_mode))
+        finally:
+            os.close(out)
+    finally:
+        list_file.unlink(missing_ok=True)
+        os.close(fd)
+    return name
+
+
+def _fresh_dir(fd: int, shown: Path) -> tuple[str, int]:
+    """A new directory of asd's own (0700) in ``fd``, named after the time, and its fd."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(1, 100):
+        name = f"{CONFLICTS}-{stamp}" + (f"-{n}" if n > 1 else "")
+        try:
+            os.mkdir(name, 0o700, dir_fd=fd)
+        except FileExistsError:
+            continue
+        out = os.open(name, O_DIR, dir_fd=fd)
+        st = os.fstat(out)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700:
+            return name, out
+        os.close(out)  # replaced by someone else's between the mkdir and the open
+        raise SafetyError(
+            f"{shown / name} was replaced while asd made it; asd does not write into it"
+        )
+    raise FileExistsError(errno.EEXIST, "too many directories of that name", str(shown / name))
 
 
 @contextlib.contextmanager

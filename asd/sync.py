@@ -237,7 +237,7 @@ class Engine:
                 raise
             state.ram[target] = done.describe()
             self.store.save(state)
-            if done.outcome != "done":
+            if done.outcome != "done" or done.detail:  # not done, or names written twice
                 self.warn(done.describe())
 
     # ----- unsync -----------------------------------------------------------------------

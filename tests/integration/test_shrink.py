@@ -419,11 +419,86 @@ def test_the_carry_over_never_writes_through_a_symlink_made_in_the_new_layer(
     world.run([sys.executable, "-c", REDIRECTED, str(target), str(world.conf), str(outside)])
     assert list(outside.iterdir()) == [], "root wrote through the owner's symlink"
     view = inside_manifest(world, target)
-    # The later change wins: the symlink stays, the window's directory is not put back.
+    # The later change wins: the symlink stays, the window's directory is not put back there,
+    # but saved, at its path, in a directory of its own at the top of the target.
     assert view["win"]["type"] == stat.S_IFLNK, view["win"]  # type: ignore[index]
+    (saved,) = [name for name in view if name.startswith("asd-conflict-") and "/" not in name]
+    assert view[f"{saved}/win/dir/file"]["data"] == b"written in the window\n"  # type: ignore[index]
     world.asd("unsync", check=True)
     assert manifest(target) == view
     assert list(outside.iterdir()) == []
+
+
+TWICE = r"""
+import runpy, sys
+from pathlib import Path
+from asd import shrink
+target, conf = Path(sys.argv[1]), sys.argv[2]
+unmount, carry = shrink._unmount_when_free, shrink._carry_over
+
+def window_append(path):
+    with open(target / "docs" / "a.txt", "a") as fh:  # to the old layer, after the walk
+        fh.write("appended in the window\n")
+    return unmount(path)
+
+def appended_again(layout, nxt):
+    with open(target / "docs" / "a.txt", "a") as fh:  # to the new layer, before the carry-over
+        fh.write("appended after the switch\n")
+    return carry(layout, nxt)
+
+def saving_fails(src, dst, list_file):
+    return ["sh", "-c", "echo 'rsync: write error' >&2; exit 23"]
+
+shrink._unmount_when_free, shrink._carry_over = window_append, appended_again
+if sys.argv[3:] == ["saving fails"]:
+    shrink.rsync.copy_trees = saving_fails
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_a_file_written_in_the_window_and_again_after_keeps_both_versions(
+    overlay_world: World,
+) -> None:
+    world = overlay_world
+    target = synced_and_changed(world)  # docs/a.txt appended to, among others
+    before = inside_manifest(world, target)["docs/a.txt"]["data"]  # type: ignore[index]
+    proc = world.run([sys.executable, "-c", TWICE, str(target), str(world.conf)], check=True)
+    view = inside_manifest(world, target)
+    (saved,) = [name for name in view if name.startswith("asd-conflict-") and "/" not in name]
+    assert f"saved in {target / saved}" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    later = view["docs/a.txt"]["data"]  # type: ignore[index]
+    earlier = view[f"{saved}/docs/a.txt"]["data"]  # type: ignore[index]
+    assert later == before + b"appended after the switch\n"
+    assert earlier == before + b"appended in the window\n"
+    assert view[saved]["uid"] == view["."]["uid"]  # type: ignore[index]
+    said = parse_json(world)["targets"][0]["ram_given_back"]  # type: ignore[index]
+    assert f"saved in {target / saved}" in str(said), said
+    world.asd("resync", check=True)
+    assert manifest(target) == view
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
+
+
+def test_an_earlier_version_that_cannot_be_saved_keeps_the_old_layer(overlay_world: World) -> None:
+    world = overlay_world
+    target = synced_and_changed(world)
+    before = inside_manifest(world, target)["docs/a.txt"]["data"]  # type: ignore[index]
+    args = [sys.executable, "-c", TWICE, str(target), str(world.conf), "saving fails"]
+    proc = world.run(args)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not save the earlier version" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not [name for name in inside_manifest(world, target) if "asd-conflict" in name]
+    assert upper_bytes(world) >= 3 * MIB  # the old layer, with the window's append, is kept
+    out = world.asd("resync", check=True).stderr
+    assert "saved in" in out, out
+    view = inside_manifest(world, target)
+    (saved,) = [name for name in view if name.startswith("asd-conflict-") and "/" not in name]
+    assert view[f"{saved}/docs/a.txt"]["data"] == before + b"appended in the window\n"  # type: ignore[index]
+    assert view["docs/a.txt"]["data"] == before + b"appended after the switch\n"  # type: ignore[index]
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
 
 
 BEFORE_KEEP = r"""
