@@ -95,6 +95,16 @@ def open_private_dir(path: Path, *, shown: Path | None = None) -> int:
     return fd
 
 
+def replaced(path: Path) -> SafetyError:
+    """The error for a directory asd set up that is now a symlink or a file (ELOOP, ENOTDIR
+    from an open without following it)."""
+    return SafetyError(
+        f"{path} was replaced by a symlink or a file while asd was setting it up; asd "
+        "mounts nothing on or from it. Someone who can write to its parent did this: look "
+        "at it, and run asd again"
+    )
+
+
 def rel_parts(rel: str, *, root_ok: bool = False) -> tuple[str, ...]:
     """The components of a path a commit record names; refuses anything not plainly inside."""
     parts = tuple(rel.split("/")) if rel else ()

@@ -1,5 +1,6 @@
 """The kernel's descriptor-based mount calls, for what ``mount(8)`` cannot do: an overlay made
-without a mount point, and a mount attached *beneath* the one a path shows.
+without a mount point, a mount attached *beneath* the one a path shows, and a bind mount from
+and onto directories asd holds open (no name looked up between asd's checks and the mount).
 
 Overlay mode gives its RAM back (`asd.shrink`) by building a new overlay, attaching it under
 the target's top mount and unmounting that top mount: whoever opens the path afterwards sees
@@ -26,6 +27,7 @@ SYS_MOVE_MOUNT = 429
 SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
+SYS_MOUNT_SETATTR = 442
 
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
@@ -33,11 +35,24 @@ AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 MOVE_MOUNT_BENEATH = 0x200
 FSOPEN_CLOEXEC = 1
 FSMOUNT_CLOEXEC = 1
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [  # noqa: RUF012 - ctypes' own declaration
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -107,6 +122,33 @@ def attach(mount_fd: int, path: Path, *, beneath: bool = False) -> None:
     where = f"{'beneath the mount at ' if beneath else ''}{path}"
     name = os.fsencode(path)
     _call(f"move_mount to {where}", SYS_MOVE_MOUNT, mount_fd, b"", AT_FDCWD, name, flags)
+
+
+@contextlib.contextmanager
+def bind(source_fd: int, target_fd: int, shown: Path, *, private: bool = False) -> Iterator[int]:
+    """Bind-mount the directory ``source_fd`` is open on over the one ``target_fd`` is open
+    on (``shown`` names it in messages), as ``mount --bind`` does, but without looking a name
+    up again: mount(8) turns a ``/proc/self/fd`` name back into a path, which someone who
+    can write to a parent directory could swap before its mount call. ``private``: the new
+    mount neither sends nor receives mount events (``--make-private``). Yields the new
+    mount's descriptor (for `detach`)."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH
+    with descriptor(_call(f"open_tree for {shown}", SYS_OPEN_TREE, source_fd, b"", flags)) as fd:
+        moved = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+        _call(f"move_mount to {shown}", SYS_MOVE_MOUNT, fd, b"", target_fd, b"", moved)
+        if private:  # once attached: attaching below a shared mount makes it shared
+            attr = MountAttr(propagation=MS_PRIVATE)
+            size = ctypes.sizeof(attr)
+            what = f"mount_setattr {shown}"
+            _call(what, SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), size)
+        yield fd
+
+
+def detach(mount_fd: int, shown: Path) -> None:
+    """Unmount the mount ``mount_fd`` is open on, wherever it is now (lazily if busy)."""
+    if _libc.umount2(os.fsencode(f"/proc/self/fd/{mount_fd}"), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise MountCallError(err, f"umount {shown}: {os.strerror(err)}")
 
 
 def unmount(path: Path) -> bool:

@@ -189,18 +189,6 @@ class MountTable:
         return [m for m in self.mounts if m.mountpoint.startswith(prefix)]
 
 
-def bind(source: Path | str, target: Path | str) -> list[str]:
-    # asd may pass /proc/<pid>/fd/<n> paths of directories it opened (see `steps.pinned`).
-    # No --no-canonicalize here: util-linux 2.41's fd-based mount (Debian trixie) refuses such
-    # a magic link with it ("wrong fs type"); canonicalizing resolves the descriptor to the
-    # pinned directory's current name, which narrows the swap race to that lookup.
-    return ["mount", "--bind", str(source), str(target)]
-
-
-def make_private(target: Path | str) -> list[str]:
-    return ["mount", "--no-canonicalize", "--make-private", str(target)]
-
-
 def tmpfs(target: Path, options: str) -> list[str]:
     return ["mount", "-t", "tmpfs", "-o", options, "asd", str(target)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -45,6 +46,19 @@ def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def require(*programs: str) -> None:
+    """Fail now, before anything is done, if one of ``programs`` is missing: a step that
+    mounted something must be able to unmount it again."""
+    for name in programs:
+        if shutil.which(name, path=command_env()["PATH"]) is None:
+            raise _not_installed([name])
+
+
+def _not_installed(argv: list[str]) -> CommandError:
+    message = f"{argv[0]} is not installed (or not on PATH); install it and try again."
+    return CommandError(argv, None, message=message)
+
+
 def run(
     argv: list[str],
     *,
@@ -66,11 +80,7 @@ def run(
     try:
         program = sh.Command(argv[0])
     except sh.CommandNotFound:
-        raise CommandError(
-            argv,
-            None,
-            message=f"{argv[0]} is not installed (or not on PATH); install it and try again.",
-        ) from None
+        raise _not_installed(argv) from None
     options: dict[str, Any] = {
         "_env": command_env(env),
         "_cwd": cwd,

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import coreutils, lower, mounts, progress, tree
-from asd.dirfd import remove_tree
+from asd import coreutils, lower, mountapi, mounts, progress, tree
+from asd.dirfd import remove_tree, replaced
 from asd.dirmeta import dir_metadata, set_dir_metadata
-from asd.errors import CommandError, SafetyError, StateError
+from asd.errors import CommandError, SafetyError
 from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session
-from asd.run import fd_path, run
+from asd.run import run
 from asd.writeback import ram_index, save_index
 
 
@@ -87,22 +87,19 @@ def plan_target(layout: TargetLayout, overlay: bool) -> list[Step]:
 
 
 @contextlib.contextmanager
-def pinned(path: Path, *, ours: bool = False) -> Iterator[str]:
-    """A name for the very directory at ``path`` now, that no later rename or symlink swap
-    can redirect: ``/proc/<pid>/fd/<n>`` of an O_PATH descriptor opened without following a
-    symlink. The target's parent is often writable by its owner (a home directory), so any
-    name asd mounts on or from there could otherwise be swapped between check and mount.
+def pinned(path: Path, *, ours: bool = False) -> Iterator[int]:
+    """The very directory at ``path`` now, that no later rename or symlink swap can
+    redirect: an O_PATH descriptor opened without following a symlink, which
+    `mountapi.bind` mounts from or on. The target's parent is often writable by its owner
+    (a home directory), so any name asd mounts on or from there could otherwise be swapped
+    between check and mount.
     ``ours``: the directory must also be the empty, root-owned mount point asd made."""
     try:
         fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
-        raise SafetyError(
-            f"{path} was replaced by a symlink or a file while asd was setting it up; asd "
-            "mounts nothing on or from it. Someone who can write to its parent did this: look "
-            "at it, and run asd again"
-        ) from exc
+        raise replaced(path) from exc
     try:
         if ours:
             st = os.fstat(fd)
@@ -112,7 +109,7 @@ def pinned(path: Path, *, ours: bool = False) -> Iterator[str]:
                     f"{st.st_uid}); someone replaced it. asd mounts nothing on it: look at it, "
                     "and run asd again"
                 )
-        yield fd_path(fd)
+        yield fd
     finally:
         os.close(fd)
 
@@ -166,10 +163,7 @@ def perform(step: Step, layout: TargetLayout) -> None:
                 os.close(fd)
         os.rename(tmp, path)
     elif step.kind == "bind-backup":
-        with pinned(Path(step.source)) as source, pinned(path, ours=True) as mount_point:
-            run(mounts.bind(source, mount_point))
-            # A mount point cannot be renamed (EBUSY): from here on its name is safe.
-        run(mounts.make_private(path))
+        bind_pinned(Path(step.source), path, ours=True, private=True)
     elif step.kind == "ram-dir":
         secure_ram_root(layout.instance.ram_root)
         path.mkdir(mode=0o700, parents=True)
@@ -186,11 +180,26 @@ def perform(step: Step, layout: TargetLayout) -> None:
     elif step.kind == "index":
         save_index(layout, ram_index(layout))
     elif step.kind == "bind-target":
-        with pinned(Path(step.source)) as ram_copy, pinned(path) as served_at:
-            run(mounts.bind(ram_copy, served_at))
-        served, ram = os.stat(path), os.stat(step.source)
-        if (served.st_dev, served.st_ino) != (ram.st_dev, ram.st_ino):
-            raise StateError(f"{path} does not show the RAM copy after mounting it")
+        bind_pinned(Path(step.source), path)
+
+
+def bind_pinned(source: Path, path: Path, *, ours: bool = False, private: bool = False) -> None:
+    """Bind-mount ``source`` on ``path``, both `pinned`; then ``path`` must show the new mount.
+    If someone swapped the name meanwhile, the mount went onto the directory asd checked,
+    wherever it is now: asd takes it off again and stops."""
+    with (
+        pinned(source) as source_fd,
+        pinned(path, ours=ours) as path_fd,
+        mountapi.bind(source_fd, path_fd, path, private=private) as mount_fd,
+    ):
+        shown, mounted = os.stat(path), os.fstat(mount_fd)
+        if (shown.st_dev, shown.st_ino) != (mounted.st_dev, mounted.st_ino):
+            mountapi.detach(mount_fd, path)
+            raise SafetyError(
+                f"{path} was replaced while asd mounted {source} on it, so it does not show "
+                "what asd mounted (now taken off again). Someone who can write to its "
+                "parent did this: look at it, and run asd again"
+            )
 
 
 def copy_in(source: Path, ram_copy: Path, target: Path) -> None:
@@ -222,7 +231,8 @@ def undo(step: Step, *, lazy: bool = False) -> None:
     elif step.kind in ("ram-dir", "lower"):
         run(coreutils.remove_tree(path))
     elif step.kind == "mkdir":
-        with contextlib.suppress(FileNotFoundError):
+        # Not a directory any more: someone swapped it (the error that stopped asd says so).
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             os.rmdir(path)
     elif step.kind == "mark":
         clear_session(path)

@@ -22,6 +22,7 @@ from asd.holders import Holder, holders
 from asd.layout import WORK_NAME, Instance, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import recover
+from asd.run import require
 from asd.state import RunState, StateStore
 from asd.steps import Step, plan_target
 from asd.writeback import WriteBack, resync_target
@@ -136,6 +137,7 @@ class Engine:
         steps.perform(step, layout)
 
     def sync(self) -> list[str]:
+        require("mount", "umount", "rsync", *([] if self.config.use_overlayfs else ["cp"]))
         state = self.store.load()
         if state is None:
             state = RunState("syncing", self.config.to_json())

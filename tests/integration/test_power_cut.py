@@ -47,6 +47,8 @@ SYSCALLS = (
     "linkat",
     "mknodat",
     "move_mount",
+    # the bind mounts by descriptor (asd.mountapi.bind): attach, then private propagation
+    "mount_setattr",
 )
 
 

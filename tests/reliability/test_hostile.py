@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,11 +140,62 @@ def test_swapped_for_a_symlink_while_sync_sets_up(world: World, swapped: str) ->
     assert manifest(d) == before, f"asd wrote into {d} through the user's symlink"
     assert_canaries(f, d)
     assert proc.returncode == 1, f"sync went on through a swapped {swapped}: {proc.stdout}"
-    assert str(name) in proc.stderr, proc.stderr
+    assert f"{name} was replaced" in proc.stderr, proc.stderr
     record(
         "hostile",
         f"{swapped} swapped for a symlink during sync (uid {UID}, {mode(world)})",
         "refused, nothing mounted or written through it",
+    )
+
+
+SWAPPED_AT_THE_MOUNT_CALL = r"""
+import os, runpy, sys
+from pathlib import Path
+from asd import mountapi
+name, elsewhere, conf = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+bind = mountapi.bind
+
+def swapped_first(source_fd, target_fd, shown, **options):
+    # asd has checked and opened both directories; the user swaps the name right before
+    # the mount call, where mount(8) would look it up again.
+    if shown == name:
+        os.rename(name, f"{name}.moved")
+        os.symlink(elsewhere, name)
+    return bind(source_fd, target_fd, shown, **options)
+
+mountapi.bind = swapped_first
+sys.argv = ["asd", "-c", conf, "sync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("swapped", ["backup mount point", "target"])
+def test_swapped_for_a_symlink_at_the_mount_call(world: World, swapped: str) -> None:
+    """The name swapped after asd's checks, right before the mount call: the mount goes onto
+    the directory asd checked (by descriptor), never through the symlink; asd sees that the
+    name no longer shows it, takes it off again and stops, and the undo leaves nothing."""
+    target = user_target(world)
+    f, d = canaries(world)
+    (d / "inside").write_text("root's too\n")
+    before = manifest(d)
+    world.write_conf(target)
+    name = target.parent / ".t-backup_asd" if swapped == "backup mount point" else target
+    script = [sys.executable, "-c", SWAPPED_AT_THE_MOUNT_CALL, str(name), str(d), str(world.conf)]
+    proc = world.run(script)
+    assert proc.returncode == 1, f"sync went on through a swapped {swapped}: {proc.stdout}"
+    assert f"{name} was replaced while asd mounted" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert mounts_at(world, d) == 0, f"asd mounted on {d} through the user's symlink"
+    assert mounts_at(world, Path(f"{name}.moved")) == 0, "asd left its mount on the moved name"
+    assert world.asd_mounts() == []
+    assert manifest(d) == before, f"asd wrote into {d} through the user's symlink"
+    assert_canaries(f, d)
+    moved = Path(f"{target}.moved") if swapped == "target" else target
+    assert (moved / "docs" / "a.txt").read_text() == "user data\n"
+    record(
+        "hostile",
+        f"{swapped} swapped for a symlink at the mount call (uid {UID}, {mode(world)})",
+        "mounted on the checked directory only, taken off again, nothing left",
     )
 
 
