@@ -95,14 +95,20 @@ def open_private_dir(path: Path, *, shown: Path | None = None) -> int:
     return fd
 
 
-def replaced(path: Path) -> SafetyError:
-    """The error for a directory asd set up that is now a symlink or a file (ELOOP, ENOTDIR
-    from an open without following it)."""
-    return SafetyError(
-        f"{path} was replaced by a symlink or a file while asd was setting it up; asd "
-        "mounts nothing on or from it. Someone who can write to its parent did this: look "
-        "at it, and run asd again"
-    )
+def open_set_up_dir(path: Path, flags: int = os.O_RDONLY) -> int:
+    """Open the directory asd set up or checked at ``path``, without following a symlink
+    there; one swapped in for it (or a file) is refused: someone who can write to its parent
+    is at work."""
+    try:
+        return os.open(path, flags | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise SafetyError(
+            f"{path} was replaced by a symlink or a file while asd was setting it up; asd "
+            "mounts nothing on or from it. Someone who can write to its parent did this: "
+            "look at it, and run asd again"
+        ) from exc
 
 
 def rel_parts(rel: str, *, root_ok: bool = False) -> tuple[str, ...]:

@@ -9,7 +9,6 @@ last sync point — as a crash-recovery tarball, and clear asd's leftovers.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asd import snapshots
-from asd.dirfd import fsync_path, open_private_dir, remove_tree, replaced
+from asd.dirfd import fsync_path, open_private_dir, open_set_up_dir, remove_tree
 from asd.errors import SafetyError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout, backup_path
@@ -35,12 +34,7 @@ def mark_session(target: Path, info: dict[str, object]) -> None:
     """Write the marker; the target keeps its times (asd's own directory is not a change)."""
     work = target / WORK_NAME
     # The target itself, not whatever a symlink swapped in for it would point to.
-    try:
-        tfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        raise replaced(target) from exc
+    tfd = open_set_up_dir(target)
     try:
         before = os.fstat(tfd)
         with contextlib.suppress(FileExistsError):

@@ -8,7 +8,6 @@ backwards, checking the mount table and skipping what did not happen.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import coreutils, lower, mountapi, mounts, progress, tree
-from asd.dirfd import remove_tree, replaced
+from asd.dirfd import open_set_up_dir, remove_tree
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError
 from asd.layout import WORK_NAME, TargetLayout
@@ -94,12 +93,7 @@ def pinned(path: Path, *, ours: bool = False) -> Iterator[int]:
     (a home directory), so any name asd mounts on or from there could otherwise be swapped
     between check and mount.
     ``ours``: the directory must also be the empty, root-owned mount point asd made."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        raise replaced(path) from exc
+    fd = open_set_up_dir(path, os.O_PATH)
     try:
         if ours:
             st = os.fstat(fd)
