@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import stat
@@ -45,11 +44,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import coreutils, delta, index, mountapi, rsync, upper
+from asd import conflict, coreutils, delta, index, mountapi, rsync, upper
 from asd.dirfd import open_private_dir, parent_at, rel_parts, remove_at
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
 from asd.disks import human_size
-from asd.errors import AsdError, CommandError, SafetyError
+from asd.errors import AsdError, CommandError
 from asd.holders import holders
 from asd.layout import TargetLayout
 from asd.mounts import Mount, MountTable, is_layer_of
@@ -64,7 +63,6 @@ MIN_BYTES = 1 << 20  # less than this in the upper layer is not worth a delta on
 OPTIONS = {"source": "asd-overlay", "redirect_dir": "on", "index": "on", "metacopy": "off"}
 KERNEL = "giving RAM back needs Linux 6.8 or later; it stays in use until unsync"
 WAIT = (0.05, 0.1, 0.2, 0.4, 0.8)  # retries of an unmount that was busy, seconds
-CONFLICTS = "asd-conflict"  # where the old layer's version of a name written twice goes
 
 
 @dataclass(frozen=True)
@@ -312,7 +310,7 @@ def _unmount_when_free(path: Path) -> bool:
 def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> tuple[list[str], str | None]:
     """Copy into the new overlay what was written to the old one after the resync's walk.
     Returns the names the new one changed too (its version is kept) and the directory at the
-    top of the target where the old one's versions of them were saved (`_save_earlier`)."""
+    top of the target where the old one's versions of them were saved (`asd.conflict`)."""
     baseline, _scope = index.load(nxt.baseline)
     now = upper.upper_index(layout)
     changes = diff(baseline, now)
@@ -362,7 +360,8 @@ def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> tuple[list[str], str
         set_dir_metadata(layout.target, root)
     deleted = set(changes.deleted)
     earlier = {_top(rel, blocked) for rel in conflicts if rel not in deleted}
-    return conflicts, _save_earlier(layout, earlier) if earlier else None
+    highest = sorted(n for n in earlier if not _inside(n.rpartition("/")[0], earlier))
+    return conflicts, conflict.save_earlier(layout, highest) if highest else None
 
 
 def _top(rel: str, blocked: set[str]) -> str:
@@ -373,63 +372,6 @@ def _top(rel: str, blocked: set[str]) -> str:
         if "/".join(parts[:i]) in blocked:
             return "/".join(parts[:i])
     return rel
-
-
-def _save_earlier(layout: TargetLayout, names: set[str]) -> str | None:
-    """Copy the old layer's version of ``names`` (with everything below them) into a new
-    directory at the top of the target, at the same paths; then give it the target's owner
-    and mode. rsync writes into it by descriptor, and it is closed to everyone until rsync is
-    done, so nothing the owner does meanwhile can send the copy elsewhere. Returns its name,
-    or None if none of them was left to save."""
-    top = [n for n in names if not _inside(n.rpartition("/")[0], names)]
-    list_file = layout.index_file.with_suffix(".conflicts")
-    fd = os.open(layout.target, O_DIR)
-    try:
-        name, out = _fresh_dir(fd, layout.target)
-        try:
-            list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in sorted(top)))
-            alias = Path(f"/proc/self/fd/{out}")
-            try:
-                run(rsync.copy_trees(layout.ram_copy, alias, list_file), pass_fds=(out,))
-            except CommandError as exc:
-                remove_at(fd, name)
-                raise exc.reworded(
-                    f"{layout.target}: could not save the earlier version of names written "
-                    "during the switch to the next RAM layer and again after it; the switch "
-                    "stays pending, the previous layer is kept, and the next resync tries again"
-                ) from None
-            if not os.listdir(out):  # gone from the old layer too (vanished meanwhile)
-                os.rmdir(name, dir_fd=fd)
-                return None
-            owner = os.fstat(fd)
-            os.fchown(out, owner.st_uid, owner.st_gid)
-            os.fchmod(out, stat.S_IMODE(owner.st_mode))
-        finally:
-            os.close(out)
-    finally:
-        list_file.unlink(missing_ok=True)
-        os.close(fd)
-    return name
-
-
-def _fresh_dir(fd: int, shown: Path) -> tuple[str, int]:
-    """A new directory of asd's own (0700) in ``fd``, named after the time, and its fd."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for n in range(1, 100):
-        name = f"{CONFLICTS}-{stamp}" + (f"-{n}" if n > 1 else "")
-        try:
-            os.mkdir(name, 0o700, dir_fd=fd)
-        except FileExistsError:
-            continue
-        out = os.open(name, O_DIR, dir_fd=fd)
-        st = os.fstat(out)
-        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700:
-            return name, out
-        os.close(out)  # replaced by someone else's between the mkdir and the open
-        raise SafetyError(
-            f"{shown / name} was replaced while asd made it; asd does not write into it"
-        )
-    raise FileExistsError(errno.EEXIST, "too many directories of that name", str(shown / name))
 
 
 @contextlib.contextmanager

@@ -432,7 +432,7 @@ def test_the_carry_over_never_writes_through_a_symlink_made_in_the_new_layer(
 TWICE = r"""
 import runpy, sys
 from pathlib import Path
-from asd import shrink
+from asd import conflict, shrink
 target, conf = Path(sys.argv[1]), sys.argv[2]
 unmount, carry = shrink._unmount_when_free, shrink._carry_over
 
@@ -451,7 +451,7 @@ def saving_fails(src, dst, list_file):
 
 shrink._unmount_when_free, shrink._carry_over = window_append, appended_again
 if sys.argv[3:] == ["saving fails"]:
-    shrink.rsync.copy_trees = saving_fails
+    conflict.rsync.copy_trees = saving_fails
 sys.argv = ["asd", "-c", conf, "resync"]
 runpy.run_module("asd", run_name="__main__")
 """
