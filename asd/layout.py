@@ -10,8 +10,9 @@ For a target ``/foo/bar`` and the default config:
 - ``<disk copy>/.asd-work/``        asd's journal inside the disk copy: session marker, staged
                                     files of a resync, commit record, overlay mode's lower tree
                                     and, after a shrink, its delta ``delta.n`` over that tree.
-                                    Hidden under the RAM copy while asd runs; removed by a clean
-                                    stop or by the recovery at the next start.
+                                    Hidden under the RAM copy while asd runs; a clean stop or
+                                    the recovery at the next start removes it, all but the lower
+                                    tree and its record (``KEPT``), which the next sync reuses.
 - ``/run/asd/<instance>.json`` and ``.lock``   run state and lock
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 DEFAULT_CONFIG = Path("/etc/asd.conf")
 RUN_DIR = Path("/run/asd")
 WORK_NAME = ".asd-work"
+KEPT = frozenset({"lower", "lower.json"})  # what of WORK_NAME outlives a session (`asd.lower`)
 SNAPSHOT_MARK = "-backup_asd-crashrecovery-"
 
 
@@ -143,6 +145,11 @@ class TargetLayout:
     @cached_property
     def lower(self) -> Path:
         return self.disk_work / "lower"
+
+    @cached_property
+    def lower_record(self) -> Path:
+        """What the lower tree was made from, per directory (`asd.lower`)."""
+        return self.disk_work / "lower.json"
 
     @cached_property
     def delta(self) -> Path:

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from asd import snapshots
-from asd.dirfd import fsync_path, open_private_dir, open_set_up_dir, remove_tree
+from asd.dirfd import fsync_path, open_private_dir, open_set_up_dir, remove_at, remove_tree
 from asd.errors import SafetyError
 from asd.journal import Journal
-from asd.layout import WORK_NAME, TargetLayout, backup_path
+from asd.layout import KEPT, WORK_NAME, TargetLayout, backup_path
 from asd.state import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,32 @@ def mark_session(target: Path, info: dict[str, object]) -> None:
         os.close(fd)
 
 
-def remove_work(target: Path, times_from: Path | None = None) -> None:
-    """Remove asd's journal directory from a plain target, keeping the target's own times:
-    they are the last sync point's (asd's directory coming and going is not a change).
-    With ``times_from``, the target takes that directory's times instead, journal or not."""
-    if times_from is None and not os.path.lexists(target / WORK_NAME):
+def remove_work(
+    target: Path, times_from: Path | None = None, keep: frozenset[str] = frozenset()
+) -> None:
+    """Remove asd's journal directory from a plain target, all but the names in ``keep``
+    (overlay mode's lower tree, `KEPT`), keeping the target's own times: they are the last
+    sync point's (asd's directory coming and going is not a change). With ``times_from``,
+    the target takes that directory's times instead, journal or not."""
+    work = target / WORK_NAME
+    if times_from is None and not os.path.lexists(work):
         return
     before = os.lstat(times_from or target)
-    remove_tree(target / WORK_NAME)
+    try:
+        fd = open_private_dir(work) if keep and os.path.lexists(work) else None
+    except SafetyError:
+        fd = None  # not asd's own directory: nothing in it is kept
+    if fd is None:
+        remove_tree(work)
+    else:
+        try:
+            for name in set(os.listdir(fd)) - keep:
+                remove_at(fd, name)
+            left = os.listdir(fd)
+        finally:
+            os.close(fd)
+        if not left:
+            os.rmdir(work)
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
     fsync_path(target)
 
@@ -79,7 +97,7 @@ def clear_session(target: Path) -> None:
     if os.path.lexists(journal.record):
         journal.apply()
     keep_times_beside(target)
-    remove_work(target)
+    remove_work(target, keep=KEPT)
 
 
 def recover(
@@ -88,8 +106,11 @@ def recover(
     use_backups: bool,
     backup_limit: int,
     say: Callable[[str], None],
+    keep_lower: bool = False,
 ) -> snapshots.Snapshot | None:
-    """Bring an unmounted target back to a plain last-sync-point state; snapshot if unclean."""
+    """Bring an unmounted target back to a plain last-sync-point state; snapshot if unclean.
+    ``keep_lower``: overlay mode reuses a lower tree kept from an earlier session; copy mode
+    removes one (its links would look like links to files outside the target)."""
     target = layout.target
     for partial in snapshots.remove_partial(target):
         say(f"removed an unfinished snapshot {partial}")
@@ -118,7 +139,10 @@ def recover(
     stale = layout.backup.with_name(layout.backup.name + ".new")
     if os.path.isdir(stale) and not os.path.islink(stale):
         os.rmdir(stale)
-    remove_work(target, layout.backup if early else None)
+    kept = os.path.lexists(target / WORK_NAME / "lower")
+    remove_work(target, layout.backup if early else None, KEPT if keep_lower else frozenset())
+    if kept and not keep_lower:
+        say(f"{target}: removed the overlay lower tree an earlier session in overlay mode kept")
     backup = layout.backup
     try:
         st = os.lstat(backup)

@@ -43,7 +43,8 @@ class Step:
             "bind-backup": f"bind-mount {self.source} at {self.path} (the disk copy), private",
             "ram-dir": f"create the RAM directory {self.path} (root-only parents)",
             "copy": f"copy {self.source} into RAM at {self.path}",
-            "lower": f"build overlay lower tree {self.path} (hard links to {self.source})",
+            "lower": f"build the overlay's lower tree {self.path} (hard links to "
+            f"{self.source}), or bring the one kept from the last session up to date",
             "overlay": f"mount an overlay at {self.path} (lower {self.source}, upper in RAM)",
             "index": f"record the state of {self.path} as the first sync point",
             "bind-target": f"bind-mount the RAM copy {self.source} over {self.path}",
@@ -129,7 +130,7 @@ def secure_ram_root(ram_root: Path) -> None:
 def refuse_leftover(step: Step) -> None:
     """A step that creates a directory never reuses or deletes one already there."""
     path = Path(step.path)
-    if step.kind in ("ram-dir", "lower", "mkdir") and os.path.lexists(path):
+    if step.kind in ("ram-dir", "mkdir") and os.path.lexists(path):
         raise SafetyError(
             f"{path} already exists, left by an earlier run of asd that was not cleaned "
             "up; asd will neither use nor delete it. Look at what it holds, move it away, "
@@ -137,8 +138,9 @@ def refuse_leftover(step: Step) -> None:
         )
 
 
-def perform(step: Step, layout: TargetLayout) -> None:
-    """Do ``step`` (already recorded in the run state); "recover" is the engine's."""
+def perform(step: Step, layout: TargetLayout) -> str | None:
+    """Do ``step`` (already recorded in the run state); "recover" is the engine's. Returns
+    what is worth telling the user about it, if anything."""
     path = Path(step.path)
     if step.kind == "mark":
         mark_session(path, {"instance": layout.instance.name, "pid": os.getpid()})
@@ -164,7 +166,8 @@ def perform(step: Step, layout: TargetLayout) -> None:
     elif step.kind == "copy":
         copy_in(Path(step.source), path, layout.target)
     elif step.kind == "lower":
-        lower.build(Path(step.source), path, frozenset({WORK_NAME}))
+        done = lower.refresh(Path(step.source), path, layout.lower_record, {WORK_NAME})
+        return f"{layout.target}: {done.describe()}"
     elif step.kind == "overlay":
         layout.upper.mkdir(mode=0o700)
         layout.overlay_work.mkdir(mode=0o700)
@@ -175,6 +178,7 @@ def perform(step: Step, layout: TargetLayout) -> None:
         save_index(layout, ram_index(layout))
     elif step.kind == "bind-target":
         bind_pinned(Path(step.source), path)
+    return None
 
 
 def bind_pinned(source: Path, path: Path, *, ours: bool = False, private: bool = False) -> None:
@@ -222,8 +226,10 @@ def undo(step: Step, *, lazy: bool = False) -> None:
         # Only that overlay, once the one above it is gone: never a mount of the user's.
         if mounts.is_layer_of(MountTable.read().top_at(path), step.source):
             run(mounts.umount(path, lazy=lazy))
-    elif step.kind in ("ram-dir", "lower"):
+    elif step.kind == "ram-dir":
         run(coreutils.remove_tree(path))
+    elif step.kind == "lower":
+        pass  # kept for the next session (`asd.lower`); a clean stop leaves it in .asd-work
     elif step.kind == "mkdir":
         # Not a directory any more: someone swapped it (the error that stopped asd says so).
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):

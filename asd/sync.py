@@ -112,7 +112,10 @@ class Engine:
     def hardlinks(self, layout: TargetLayout) -> None:
         if not self.config.enable_hardlink_safety_check:
             return
-        split = tree.outside_links(layout.target, frozenset({WORK_NAME}))
+        kept = layout.target / WORK_NAME / "lower"  # what recovery kept is asd's (`KEPT`)
+        ours = self.config.use_overlayfs and kept.is_dir() and not kept.is_symlink()
+        mirror = kept if ours else None
+        split = tree.outside_links(layout.target, frozenset({WORK_NAME}), mirror)
         if split:
             shown = ", ".join(str(layout.target / r) for r in split[:5])
             more = f" and {len(split) - 5} more" if len(split) > 5 else ""
@@ -130,11 +133,14 @@ class Engine:
                 use_backups=self.config.use_backups,
                 backup_limit=self.config.backup_limit,
                 say=self.say,
+                keep_lower=self.config.use_overlayfs,
             )
             return
         steps.refuse_leftover(step)
         self.store.record(state, step.target, step.to_json())
-        steps.perform(step, layout)
+        said = steps.perform(step, layout)
+        if said:
+            self.say(said)
 
     def sync(self) -> list[str]:
         require("mount", "umount", "rsync", *([] if self.config.use_overlayfs else ["cp"]))

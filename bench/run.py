@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 BASE = Path("/var/tmp/asd-bench")
 IN_NS = "ASD_BENCH_IN_NAMESPACE"
 MiB = 1024 * 1024
+AGAIN = ("sync_again", "unsync_again")  # the next session: sync, then unsync straight away
 
 
 # ----- data sets ----------------------------------------------------------------------------
@@ -171,9 +172,12 @@ def tree_bytes(root: Path) -> int:
 
 
 def manifest(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Everything a program sees: type, mode, owner, size, mtime, content hash, link target."""
+    """Everything a program sees: type, mode, owner, size, mtime, content hash, link target.
+    asd's own ``.asd-work`` at the top (overlay mode's kept lower tree) is not the target's."""
     out: dict[str, tuple[Any, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d != ".asd-work"]
         for name in ["", *dirnames, *filenames]:
             if name == "" and dirpath != str(root):
                 continue
@@ -323,6 +327,11 @@ class Bench:
             run["mismatches"] = diff[:20]
             litter = [p.name for p in self.disk.iterdir() if p.name not in ("cache", "lost+found")]
             run["litter"] = litter
+            # The next session, on a cold cache (as at boot): overlay mode brings up to date
+            # the lower tree it kept at the last stop instead of building it again.
+            run["sync_again"] = self.phase(conf, "sync")
+            run["verified_again"] = manifest(target) == got
+            run["unsync_again"] = self.phase(conf, "unsync")
             self.results["runs"].append(run)
             print_run(run, flush=True)
         self.direct(ds, target, rng)
@@ -408,7 +417,9 @@ def print_run(run: dict[str, Any], flush: bool = False) -> None:
         f"verified={run['verified']} litter={run['litter']}",
         flush=flush,
     )
-    for ph in ("sync", "resync", "idle_resync", "resync_again", "unsync"):
+    for ph in ("sync", "resync", "idle_resync", "resync_again", "unsync", *AGAIN):
+        if ph not in run:
+            continue  # a JSON of a run from before these phases
         p = run[ph]
         print(
             f"   {ph:12} {p['seconds']:8.2f} s ({p.get('cpu_seconds', 0):6.2f} s CPU)  "
@@ -418,12 +429,18 @@ def print_run(run: dict[str, Any], flush: bool = False) -> None:
         )
 
 
+def verified(run: dict[str, Any]) -> bool:
+    """The disk held what programs saw, nothing else was left, and the next sync showed it."""
+    return bool(run["verified"] and run.get("verified_again", True) and not run["litter"])
+
+
 def table(results: dict[str, Any]) -> str:
     cp = {c["dataset"]: c for c in results["cp_a"]}
     head = (
         "| data set | mode | sync s | sync disk MiB | RAM after sync MiB | resync s "
         "| resync disk MiB (changed) | idle resync s | unsync s | unsync disk MiB "
-        "| RAM after resync MiB | 2nd resync disk MiB (changed) | sync vs cp -a | verified |"
+        "| RAM after resync MiB | 2nd resync disk MiB (changed) | sync vs cp -a "
+        "| next sync s | next sync disk MiB | its unsync s | its unsync disk MiB | verified |"
     )
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for r in results["runs"]:
@@ -439,7 +456,11 @@ def table(results: dict[str, Any]) -> str:
             f"| {mib(r['resync_again']['disk_bytes'])} "
             f"({mib(r['workload_again']['changed_bytes'])}) "
             f"| {100 * sync_rate / c['mib_per_s']:.0f} % "
-            f"| {'yes' if r['verified'] and not r['litter'] else 'NO'} |"
+            + "".join(
+                f"| {r[ph]['seconds']:.2f} | {mib(r[ph]['disk_bytes'])} " if ph in r else "| | "
+                for ph in AGAIN
+            )
+            + f"| {'yes' if verified(r) else 'NO'} |"
         )
     lines.append("")
     lines.append(
@@ -494,6 +515,14 @@ def goals(results: dict[str, Any]) -> str:
                 f"unsync {mib(r['unsync']['disk_bytes'])} MiB (goal <= 1 MiB each); "
                 f"unsync {r['unsync']['seconds']:.2f} s (goal <= 0.2 s)"
             )
+        for r in (a, b, runs.get((names[0], mode))):
+            if r is not None and "sync_again" in r:
+                out.append(
+                    f"{mode} {r['dataset']}, next session: sync "
+                    f"{r['sync_again']['seconds']:.2f} s, {mib(r['sync_again']['disk_bytes'])} "
+                    f"MiB; unsync {r['unsync_again']['seconds']:.2f} s, "
+                    f"{mib(r['unsync_again']['disk_bytes'])} MiB"
+                )
         if mode == "overlay":
             out.append(f"overlay: sync of {big} {b['sync']['seconds']:.2f} s (goal <= 0.2 s)")
         else:

@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import Any
 
 SKIP_TOP = {".asd-work"}
+KEPT = {"lower", "lower.json"}  # asd.layout.KEPT, spelled out: the tests say what they expect
+
+
+def asd_left(target: Path) -> list[str]:
+    """What asd left of its journal directory in a plain target, beyond what overlay mode
+    keeps for the next session (its lower tree and the tree's record)."""
+    work = target / ".asd-work"
+    if not work.exists():
+        return []
+    if work.is_symlink() or not work.is_dir():
+        return [".asd-work"]
+    return sorted(set(os.listdir(work)) - KEPT)
 
 
 def manifest(root: Path, *, times: bool = True) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import CHANGES, World, booted_world, populate
-from tests.integration.manifest import differences, manifest
+from tests.integration.manifest import asd_left, differences, manifest
 
 SYSCALLS = (
     "rename",
@@ -117,7 +117,7 @@ def crash_at(world: World, point: tuple[str, int], *args: str) -> int:
 def no_litter(target: Path) -> None:
     parent = target.parent
     names = os.listdir(parent)
-    assert not (target / ".asd-work").exists(), "asd's journal left in the target"
+    assert asd_left(target) == [], "asd's journal left in the target"
     assert not [n for n in names if n.endswith("-backup_asd")], f"backup dir left: {names}"
     assert not [n for n in names if ".partial" in n or n.endswith(".tmp")], names
 

@@ -92,7 +92,8 @@ def test_lower_tree_links_every_file_and_copies_directories(tmp_path: Path) -> N
     os.chmod(src / "d", 0o700)  # not the 0o755 mkdir gave it
     os.utime(src / "d", ns=(1, 1_500_000_000_123_456_789))
     dst = src / ".asd-work" / "lower"
-    assert lower.build(src, dst, frozenset({".asd-work"})) == 2
+    done = lower.refresh(src, dst, src / ".asd-work" / "lower.json", frozenset({".asd-work"}))
+    assert done.built and done.linked == 2
     assert lower.is_mirror(src, dst, frozenset({".asd-work"}))
     assert sorted(os.listdir(dst)) == ["d", "l"]
     st = os.lstat(dst / "d")

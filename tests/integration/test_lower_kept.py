@@ -1,0 +1,128 @@
+"""Overlay mode keeps its lower tree from one session to the next (`asd.lower`): a clean stop
+leaves it in ``.asd-work``, the next sync brings it up to date with what changed meanwhile,
+and whatever the disk copy holds is what the target shows. Copy mode removes it."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from asd import lower
+from asd.layout import KEPT
+from tests.integration.conftest import CHANGES, World, booted_world, populate
+from tests.integration.manifest import manifest
+from tests.integration.test_lifecycle import inside_manifest
+
+WORK = frozenset({".asd-work"})
+
+
+@pytest.fixture
+def overlay_world() -> Iterator[World]:
+    with booted_world(overlay=True) as w:
+        yield w
+
+
+def kept_sizes(said: str) -> tuple[int, int]:
+    found = re.search(r"kept from the last session: (\d+) of (\d+) directories changed", said)
+    assert found, said
+    return int(found[1]), int(found[2])
+
+
+def test_a_clean_stop_keeps_the_tree_and_the_next_sync_reuses_it(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("home/user/.cache")
+    populate(target)
+    for n in range(30):
+        (target / f"many/d{n}").mkdir(parents=True)
+        (target / f"many/d{n}/f").write_text(str(n))
+    world.write_conf(target)
+    time.sleep(lower.RACY_NS / 1e9 + 0.1)  # every directory settled: none is racily clean
+
+    first = world.asd("sync", check=True)
+    assert "built the overlay's lower tree" in first.stdout
+    world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
+    world.asd("resync", check=True)
+    in_ram = inside_manifest(world, target)
+    world.asd("unsync", check=True)
+    assert manifest(target) == in_ram
+    assert set(os.listdir(target / ".asd-work")) == KEPT, "only the lower tree and its record"
+    assert world.asd_mounts() == []
+
+    # While asd is stopped the directory is the user's: change it.
+    (target / "many/d3/f").write_text("changed while asd was stopped")  # in place
+    (target / "many/d4/new").write_text("new while asd was stopped")
+    os.rename(target / "many/d5", target / "many/d5-renamed")
+    (target / "many/d6/f").unlink()
+    on_disk = manifest(target)
+
+    again = world.asd("sync", check=True)
+    listed, dirs = kept_sizes(again.stdout)
+    # The resync's directories and today's, not the 30 untouched ones.
+    assert 0 < listed <= dirs - 25, again.stdout
+    assert inside_manifest(world, target) == on_disk, "the target does not show the disk copy"
+    assert lower.is_mirror(target, target / ".asd-work/lower", WORK)
+    world.sh(f"echo more >> {target}/many/d3/f")
+    shown = inside_manifest(world, target)
+    world.asd("unsync", check=True)
+    assert manifest(target) == shown
+
+
+def test_copy_mode_removes_a_kept_tree(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("srv/cache")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.asd("unsync", check=True)
+    assert (target / ".asd-work/lower").is_dir()
+    before = manifest(target)
+
+    world.overlay = False
+    world.write_conf(target)
+    synced = world.asd("sync", check=True)  # its links are no links to outside the target
+    assert "removed the overlay lower tree" in synced.stdout
+    assert inside_manifest(world, target) == before
+    world.asd("unsync", check=True)
+    assert not (target / ".asd-work").exists() and manifest(target) == before
+
+
+def test_a_link_to_outside_is_still_refused_beside_a_kept_tree(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("var/lib/app")
+    (target / "db").write_text("data")
+    (target / "linked").write_text("shared")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.asd("unsync", check=True)
+    os.link(target / "linked", world.disk / "outside")
+    refused = world.asd("sync")
+    assert refused.returncode != 0 and "hard-linked to files outside it" in refused.stderr
+    assert str(target / "linked") in refused.stderr and "db" not in refused.stderr
+    assert world.asd_mounts() == []
+    os.unlink(world.disk / "outside")
+    world.asd("sync", check=True)
+    world.asd("unsync", check=True)
+
+
+def test_a_tree_kept_by_a_crashed_session_is_brought_up_to_date(overlay_world: World) -> None:
+    """A power cut leaves the tree of the session's start and a disk copy that resyncs
+    changed; the next sync sees both and mirrors the disk copy."""
+    world = overlay_world
+    target = world.target("home/u/.mozilla")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
+    world.asd("resync", check=True)
+    on_disk = manifest(target)
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)
+    assert inside_manifest(world, target) == on_disk
+    assert lower.is_mirror(target, target / ".asd-work/lower", WORK)
+    world.asd("unsync", check=True)
+    assert manifest(target) == on_disk
