@@ -71,9 +71,10 @@ def refresh(
 ) -> Refresh:
     """Make ``dst`` mirror ``src``, reusing what the tree and ``record`` say is still right."""
     known = _load(record, src, dst)
+    built = known is None
     if known is None:
+        remove_tree(record)  # first: a half-removed tree must never meet its old record
         remove_tree(dst)
-        remove_tree(record)
         os.mkdir(dst, 0o700)
         known = {}
     walk = _Walk(src, dst, exclude_top, known)
@@ -84,7 +85,7 @@ def refresh(
     finally:
         os.close(fd)
     _save(record, walk.states)
-    return Refresh(not known, len(walk.states), walk.listed, walk.linked, walk.removed)
+    return Refresh(built, len(walk.states), walk.listed, walk.linked, walk.removed)
 
 
 class _Walk:
