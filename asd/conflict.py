@@ -6,7 +6,8 @@ layer's version is the later one and stays; the earlier one is not dropped with 
 layer but copied, at its path, into ``asd-conflict-<UTC time>/`` at the top of the target,
 which the next resync writes to disk like any other new file.
 
-- `save_earlier(layout, names) -> str | None`: copy them; the directory's name, or None.
+- `save_earlier(layout, names, noted) -> str | None`: copy them; the directory's name, or None.
+- `discard(layout, name)`: remove what an attempt killed while it copied left of its directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from asd import rsync
@@ -27,18 +29,23 @@ from asd.run import run
 PREFIX = "asd-conflict"
 
 
-def save_earlier(layout: TargetLayout, names: list[str]) -> str | None:
+def save_earlier(
+    layout: TargetLayout, names: list[str], noted: Callable[[str], None] | None = None
+) -> str | None:
     """Copy the old layer's version of ``names`` (none below another; directories with
     everything below them) from the RAM copy's path, which still shows the old overlay, into a
     new directory at the top of the target; then give it the target's owner and mode. rsync
     writes into it by descriptor, and it is closed to everyone until rsync is done, so nothing
     the owner does meanwhile can send the copy elsewhere. Returns its name, or None if none of
-    them was left to save."""
+    them was left to save. ``noted`` is told the directory's name before anything is copied
+    into it, so that what an attempt killed meanwhile left can be removed (`discard`)."""
     list_file = layout.index_file.with_suffix(".conflicts")
     fd = os.open(layout.target, O_DIR)
     try:
         name, out = _fresh_dir(fd, layout.target)
         try:
+            if noted is not None:
+                noted(name)
             list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in names))
             alias = Path(f"/proc/self/fd/{out}")
             try:
@@ -62,6 +69,21 @@ def save_earlier(layout: TargetLayout, names: list[str]) -> str | None:
         list_file.unlink(missing_ok=True)
         os.close(fd)
     return name
+
+
+def discard(layout: TargetLayout, name: str) -> None:
+    """Remove ``name`` at the top of the target if it is still what `save_earlier` makes
+    before it is done: a directory of root's, closed to everyone else."""
+    fd = os.open(layout.target, O_DIR)
+    try:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0:
+            remove_at(fd, name)
+    finally:
+        os.close(fd)
 
 
 def _fresh_dir(fd: int, shown: Path) -> tuple[str, int]:

@@ -44,18 +44,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import conflict, coreutils, delta, index, mountapi, rsync, upper
-from asd.dirfd import open_private_dir, parent_at, rel_parts, remove_at
+from asd import carry, coreutils, delta, index, mountapi, upper
+from asd.dirfd import open_private_dir, remove_at
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
 from asd.disks import human_size
-from asd.errors import AsdError, CommandError
+from asd.errors import AsdError
 from asd.holders import holders
 from asd.layout import TargetLayout
 from asd.mounts import Mount, MountTable, is_layer_of
 from asd.run import run
 from asd.state import RunState, StateStore, write_json_atomic
 from asd.steps import Step
-from asd.tree import Index, diff, disk_usage, is_dir
+from asd.tree import Index, disk_usage
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
         held = holders([layout.target])
         shown = "; ".join(h.describe() for h in held[:3]) or "a file was opened meanwhile"
         return Shrink(layout.target, "pending", 0, f"in use: {shown}")
-    conflicts, saved = _carry_over(layout, nxt)
+    conflicts, saved = carry.carry_over(layout, nxt, _start(nxt))
     top = MountTable.read().top_at(layout.ram_copy)
     if not _is_layer(top, nxt.upper):
         if not mountapi.unmount(layout.ram_copy):
@@ -288,15 +288,6 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
     return Shrink(layout.target, "done", used, detail)
 
 
-def _inside(rel: str, names: set[str]) -> bool:
-    """Whether ``rel`` is one of ``names`` or below one of them."""
-    while rel:
-        if rel in names:
-            return True
-        rel = rel.rpartition("/")[0]
-    return False
-
-
 def _unmount_when_free(path: Path) -> bool:
     if mountapi.unmount(path):
         return True
@@ -305,73 +296,6 @@ def _unmount_when_free(path: Path) -> bool:
         if mountapi.unmount(path):
             return True
     return False
-
-
-def _carry_over(layout: TargetLayout, nxt: TargetLayout) -> tuple[list[str], str | None]:
-    """Copy into the new overlay what was written to the old one after the resync's walk.
-    Returns the names the new one changed too (its version is kept) and the directory at the
-    top of the target where the old one's versions of them were saved (`asd.conflict`)."""
-    baseline, _scope = index.load(nxt.baseline)
-    now = upper.upper_index(layout)
-    changes = diff(baseline, now)
-    if changes.empty:
-        return [], None
-    changes = upper.expand(layout, baseline, now, changes)
-    # Changed in the new layer since it became visible: newer than the old layer's version.
-    start, _scope = index.load(_start(nxt))
-    seen = upper.upper_index(nxt)
-    newer = {rel for rel, entry in seen.items() if entry != start.get(rel)}
-    # A name the new layer made into something else than a directory (a symlink where the
-    # old layer had a directory, say) hides the old layer's whole subtree there.
-    blocked = {rel for rel in newer if rel and not is_dir(seen[rel])}
-    conflicts = [r for r in (*changes.deleted, *changes.files) if r in newer or _inside(r, blocked)]
-    conflicts += [d for d in changes.dirs if d and _inside(d, blocked)]
-    # A directory the new layer changed keeps its own metadata; what is below it still comes.
-    skip = set(conflicts) | {d for d in changes.dirs if d in newer}
-    fd = os.open(layout.target, O_DIR)
-    try:
-        for rel in changes.deleted:
-            if rel not in skip:
-                with contextlib.suppress(FileNotFoundError):
-                    parts = rel_parts(rel)
-                    with parent_at(fd, parts, layout.target) as pfd:
-                        remove_at(pfd, parts[-1])
-    finally:
-        os.close(fd)
-    listed = [r for r in (*changes.dirs, *changes.files) if r and r not in skip]
-    # rsync is not given the root, and its times move when names below it do.
-    root = dir_metadata(layout.ram_copy) if seen.get("") == start.get("") else None
-    if listed:
-        list_file = layout.index_file.with_suffix(".carry")
-        list_file.write_bytes(b"".join(os.fsencode(r) + b"\0" for r in listed))
-        try:
-            # Nothing can vanish from the old layer now that nobody sees it: whatever rsync
-            # could not copy is an error, and the switch stays pending with that layer kept.
-            run(rsync.copy_listed(layout.ram_copy, layout.target, list_file))
-        except CommandError as exc:
-            raise exc.reworded(
-                f"{layout.target}: could not copy what was written during the switch to the "
-                "next RAM layer; the switch stays pending, the previous layer is kept, and "
-                "the next resync tries again"
-            ) from None
-        finally:
-            list_file.unlink(missing_ok=True)
-    if root is not None:
-        set_dir_metadata(layout.target, root)
-    deleted = set(changes.deleted)
-    earlier = {_top(rel, blocked) for rel in conflicts if rel not in deleted}
-    highest = sorted(n for n in earlier if not _inside(n.rpartition("/")[0], earlier))
-    return conflicts, conflict.save_earlier(layout, highest) if highest else None
-
-
-def _top(rel: str, blocked: set[str]) -> str:
-    """The highest name on the way to ``rel`` that the new layer made a non-directory, or
-    ``rel`` itself: what of the old layer's version the new layer hides."""
-    parts = rel.split("/")
-    for i in range(1, len(parts)):
-        if "/".join(parts[:i]) in blocked:
-            return "/".join(parts[:i])
-    return rel
 
 
 @contextlib.contextmanager
@@ -398,5 +322,5 @@ def _remove_generation(layout: TargetLayout) -> None:
     if layout.generation:
         with contextlib.suppress(FileNotFoundError), _disk_dirs(layout) as (_disk, work_fd):
             remove_at(work_fd, layout.delta.name)
-    for path in (layout.baseline, _start(layout), _stale(layout)):
+    for path in (layout.baseline, _start(layout), _stale(layout), carry.plan_file(layout)):
         path.unlink(missing_ok=True)

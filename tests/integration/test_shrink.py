@@ -255,7 +255,7 @@ if point == "recorded":  # the switch is in the run state, nothing attached yet
 elif point == "attached":  # the next overlay waits beneath the old one
     shrink._unmount_when_free = die
 elif point == "unmounted":  # the old one is out of sight; nothing carried over yet
-    shrink._carry_over = die
+    shrink.carry.carry_over = die
 elif point == "indexed":  # the new sync point saved, the generation not yet
     shrink.write_json_atomic = die
 elif point == "switched":  # all done but removing the old layer
@@ -384,22 +384,22 @@ def test_a_directory_swapped_for_a_symlink_during_the_delta_is_refused(
 REDIRECTED = r"""
 import os, runpy, sys
 from pathlib import Path
-from asd import shrink
+from asd import carry, shrink
 target, conf, outside = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-unmount, carry = shrink._unmount_when_free, shrink._carry_over
+unmount, carry_over = shrink._unmount_when_free, carry.carry_over
 
 def window_write(path):
     os.makedirs(target / "win" / "dir")
     (target / "win" / "dir" / "file").write_text("written in the window\n")
     return unmount(path)
 
-def symlink_first(layout, nxt):
+def symlink_first(layout, nxt, start):
     # In the new layer, before asd carries the window's writes over, the target's owner
     # puts a symlink where the window made a directory.
     os.symlink(outside, target / "win")
-    return carry(layout, nxt)
+    return carry_over(layout, nxt, start)
 
-shrink._unmount_when_free, shrink._carry_over = window_write, symlink_first
+shrink._unmount_when_free, carry.carry_over = window_write, symlink_first
 sys.argv = ["asd", "-c", conf, "resync"]
 runpy.run_module("asd", run_name="__main__")
 """
@@ -430,28 +430,47 @@ def test_the_carry_over_never_writes_through_a_symlink_made_in_the_new_layer(
 
 
 TWICE = r"""
-import runpy, sys
+import os, runpy, sys
 from pathlib import Path
-from asd import conflict, shrink
+from asd import carry, conflict, shrink
 target, conf = Path(sys.argv[1]), sys.argv[2]
-unmount, carry = shrink._unmount_when_free, shrink._carry_over
+unmount, carry_over = shrink._unmount_when_free, carry.carry_over
+
+carried = []
 
 def window_append(path):
     with open(target / "docs" / "a.txt", "a") as fh:  # to the old layer, after the walk
         fh.write("appended in the window\n")
+    (target / "window-only.txt").write_text("written once, in the window\n")
     return unmount(path)
 
-def appended_again(layout, nxt):
+def appended_again(layout, nxt, start):
     with open(target / "docs" / "a.txt", "a") as fh:  # to the new layer, before the carry-over
         fh.write("appended after the switch\n")
-    return carry(layout, nxt)
+    done = carry_over(layout, nxt, start)
+    carried.append(done)
+    return done
 
 def saving_fails(src, dst, list_file):
     return ["sh", "-c", "echo 'rsync: write error' >&2; exit 23"]
 
-shrink._unmount_when_free, shrink._carry_over = window_append, appended_again
+def killed_while_saving(src, dst, list_file):
+    return ["sh", "-c", "kill -9 $PPID"]  # asd itself, as its rsync runs
+
+real_unmount = shrink.mountapi.unmount
+
+def killed_after_carrying(path):
+    if carried:
+        os._exit(9)
+    return real_unmount(path)
+
+shrink._unmount_when_free, carry.carry_over = window_append, appended_again
 if sys.argv[3:] == ["saving fails"]:
     conflict.rsync.copy_trees = saving_fails
+elif sys.argv[3:] == ["killed while saving"]:
+    conflict.rsync.copy_trees = killed_while_saving
+elif sys.argv[3:] == ["killed after carrying"]:
+    shrink.mountapi.unmount = killed_after_carrying
 sys.argv = ["asd", "-c", conf, "resync"]
 runpy.run_module("asd", run_name="__main__")
 """
@@ -476,6 +495,33 @@ def test_a_file_written_in_the_window_and_again_after_keeps_both_versions(
     assert f"saved in {target / saved}" in str(said), said
     world.asd("resync", check=True)
     assert manifest(target) == view
+    world.asd("unsync", check=True)
+    assert manifest(target) == view
+
+
+@pytest.mark.parametrize("when", ["killed while saving", "killed after carrying"])
+def test_a_switch_killed_after_a_name_was_written_twice_saves_it_once(
+    overlay_world: World, when: str
+) -> None:
+    """The next resync finishes the carry-over from where it was: the earlier version is
+    saved once, and what the first attempt carried over is not taken for a second write."""
+    world = overlay_world
+    target = synced_and_changed(world)
+    before = inside_manifest(world, target)["docs/a.txt"]["data"]  # type: ignore[index]
+    args = [sys.executable, "-c", TWICE, str(target), str(world.conf), when]
+    assert world.run(args).returncode in (9, -9, 137)
+    out = world.asd("resync", check=True)
+    view = inside_manifest(world, target)
+    saved = [name for name in view if name.startswith("asd-conflict-") and "/" not in name]
+    assert len(saved) == 1, (saved, out.stdout + out.stderr)
+    inside = sorted(n for n in view if n.startswith(saved[0] + "/"))
+    assert inside == [f"{saved[0]}/docs", f"{saved[0]}/docs/a.txt"], inside
+    assert view[f"{saved[0]}/docs/a.txt"]["data"] == before + b"appended in the window\n"  # type: ignore[index]
+    assert view["docs/a.txt"]["data"] == before + b"appended after the switch\n"  # type: ignore[index]
+    assert view["window-only.txt"]["data"] == b"written once, in the window\n"  # type: ignore[index]
+    assert "1 name written during the switch" in out.stdout + out.stderr or when.endswith(
+        "carrying"
+    )
     world.asd("unsync", check=True)
     assert manifest(target) == view
 
