@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from asd import __version__, config, report, snapshots
 from asd.errors import AsdError, CommandError, ConfigError, SafetyError, StateError
-from asd.layout import Instance
+from asd.layout import WORK_NAME, Instance
 from asd.mounts import MountTable
 from asd.state import StateStore, locked
 
@@ -97,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pa = cmd("parse", "show what asd will do or is doing", aliases=("p", "preview"))
     pa.add_argument("--json", action="store_true", help="one JSON document")
-    cmd("clean", "delete every crash-recovery snapshot of the configured targets")
+    cmd(
+        "clean",
+        "delete the configured targets' crash-recovery snapshots and the lower trees overlay "
+        "mode keeps in stopped targets",
+    )
     rs = cmd("restore", "restore a target from a crash-recovery snapshot (asd must be stopped)")
     rs.add_argument("what", nargs="?", help="a snapshot file, or a target (its newest snapshot)")
     su = cmd("suggest", "find directories worth keeping in RAM")
@@ -220,16 +224,42 @@ def act(command: str, args: argparse.Namespace, engine: Engine, out: Output) -> 
                 out.warn(f"{result.target / rel} vanished while it was being copied")
     elif command == "unsync":
         for target in engine.unsync(force=args.force):
-            out.say(f"{target}: back on disk, nothing of asd left")
+            if os.path.lexists(Path(target) / WORK_NAME):
+                out.say(
+                    f"{target}: back on disk; {WORK_NAME} keeps overlay mode's lower tree for "
+                    "the next start ('asd clean' deletes it)"
+                )
+            else:
+                out.say(f"{target}: back on disk, nothing of asd left")
     elif command == "clean":
-        removed = [p for t in engine.config.whattosync for p in snapshots.clean(t)]
-        for path in removed:
-            out.say(f"deleted {path}")
-        if not removed:
-            out.say("no crash-recovery snapshots to delete")
+        clean(engine, out)
     elif command == "restore":
         return restore(args.what, engine, out)
     return 0
+
+
+def clean(engine: Engine, out: Output) -> None:
+    """Crash-recovery snapshots of every configured target, and the lower tree overlay mode
+    keeps in a stopped target (not in one asd runs: it is the overlay's lower layer)."""
+    from asd import recovery
+
+    removed = [p for t in engine.config.whattosync for p in snapshots.clean(t)]
+    for path in removed:
+        out.say(f"deleted {path}")
+    if not removed:
+        out.say("no crash-recovery snapshots to delete")
+    state = engine.store.load()
+    mounts = MountTable.read()
+    for target in engine.config.whattosync:
+        if (state is not None and str(target) in state.actions) or mounts.is_mountpoint(target):
+            if engine.config.use_overlayfs:
+                out.say(f"{target}: asd runs for it, so its lower tree is in use and stays")
+            continue
+        if os.path.isdir(target) and recovery.discard_kept(target):
+            out.say(
+                f"deleted {target / WORK_NAME} (the lower tree overlay mode kept between "
+                "sessions; the next sync builds it again)"
+            )
 
 
 def restore(what: str | None, engine: Engine, out: Output) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from asd import snapshots
 from asd.dirfd import fsync_path, open_private_dir, open_set_up_dir, remove_at, remove_tree
-from asd.errors import SafetyError
+from asd.errors import SafetyError, StateError
 from asd.journal import Journal
 from asd.layout import KEPT, WORK_NAME, TargetLayout, backup_path
 from asd.state import write_json_atomic
@@ -77,6 +77,39 @@ def remove_work(
             os.rmdir(work)
     os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
     fsync_path(target)
+
+
+def discard_kept(target: Path) -> bool:
+    """`asd clean`: remove what a clean stop kept in a plain target (overlay mode's lower tree
+    and its record; the next overlay sync builds them again). Only asd's own root-private
+    directory, and only when it holds nothing else: anything more is the journal of a session
+    that did not stop cleanly, which the next sync has to finish first. The record goes before
+    the tree, and the target keeps its times. True when there was something to remove."""
+    tfd = open_set_up_dir(target)
+    try:
+        before = os.fstat(tfd)
+        try:
+            fd = open_private_dir(Path(f"/proc/self/fd/{tfd}") / WORK_NAME, shown=target / WORK_NAME)
+        except FileNotFoundError:
+            return False
+        try:
+            names = set(os.listdir(fd))
+            if names - KEPT:
+                raise StateError(
+                    f"{target / WORK_NAME} holds a journal, not only the kept lower tree: asd did "
+                    f"not stop cleanly for {target}, and the next 'asd sync' finishes that session "
+                    "first; nothing was removed"
+                )
+            for name in sorted(names, key=lambda n: n != "lower.json"):
+                remove_at(fd, name)
+        finally:
+            os.close(fd)
+        os.rmdir(WORK_NAME, dir_fd=tfd)
+        os.utime(tfd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.fsync(tfd)
+    finally:
+        os.close(tfd)
+    return True
 
 
 def keep_times_beside(target: Path) -> None:

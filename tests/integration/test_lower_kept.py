@@ -126,3 +126,58 @@ def test_a_tree_kept_by_a_crashed_session_is_brought_up_to_date(overlay_world: W
     assert lower.is_mirror(target, target / ".asd-work/lower", WORK)
     world.asd("unsync", check=True)
     assert manifest(target) == on_disk
+
+
+def test_clean_deletes_a_kept_tree_but_not_one_in_use_or_beside_a_journal(
+    overlay_world: World,
+) -> None:
+    """`asd clean` removes the tree of a stopped target (the next sync builds it again); one
+    asd runs on, and one beside a crashed session's journal, stay."""
+    world = overlay_world
+    target = world.target("home/u/.config/app")
+    populate(target)
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    running = world.asd("clean", check=True)
+    assert "its lower tree is in use and stays" in running.stdout
+    assert "lower" in os.listdir(target / ".asd-work"), "the overlay's lower layer was removed"
+    assert world.asd_mounts() != []
+    world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
+    stopped = world.asd("unsync", check=True)
+    assert "'asd clean' deletes it" in stopped.stdout
+    assert set(os.listdir(target / ".asd-work")) == KEPT
+    before, mtime = manifest(target), os.lstat(target).st_mtime_ns
+
+    cleaned = world.asd("clean", check=True)
+    assert f"deleted {target}/.asd-work" in cleaned.stdout
+    assert not os.path.lexists(target / ".asd-work")
+    assert manifest(target) == before and os.lstat(target).st_mtime_ns == mtime
+    assert "no crash-recovery snapshots" in world.asd("clean", check=True).stdout
+
+    synced = world.asd("sync", check=True)
+    assert "built the overlay's lower tree" in synced.stdout
+    assert inside_manifest(world, target) == before
+    world.asd("resync", check=True)
+    on_disk = manifest(target)
+    world.power_cut()
+    world.boot()
+    left = set(os.listdir(target / ".asd-work"))
+    refused = world.asd("clean")
+    assert refused.returncode == 1 and "did not stop cleanly" in refused.stderr
+    assert set(os.listdir(target / ".asd-work")) == left and manifest(target) == on_disk
+    world.asd("sync", check=True)  # recovery finishes the session
+    world.asd("unsync", check=True)
+    assert manifest(target) == on_disk
+
+
+def test_clean_leaves_a_work_directory_asd_did_not_make(overlay_world: World) -> None:
+    world = overlay_world
+    target = world.target("srv/data")
+    (target / "f").write_text("mine")
+    planted = target / ".asd-work"
+    planted.mkdir(mode=0o755)
+    (planted / "lower.json").write_text("someone's file")
+    world.write_conf(target)
+    refused = world.asd("clean")
+    assert refused.returncode == 1 and "not asd's own journal directory" in refused.stderr
+    assert (planted / "lower.json").read_text() == "someone's file"
