@@ -89,7 +89,8 @@ def discard_kept(target: Path) -> bool:
     try:
         before = os.fstat(tfd)
         try:
-            fd = open_private_dir(Path(f"/proc/self/fd/{tfd}") / WORK_NAME, shown=target / WORK_NAME)
+            work = Path(f"/proc/self/fd/{tfd}") / WORK_NAME
+            fd = open_private_dir(work, shown=target / WORK_NAME)
         except FileNotFoundError:
             return False
         try:
