@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -299,6 +300,14 @@ def restore(what: str | None, engine: Engine, out: Output) -> int:
         )
     result = snapshots.restore(target, snapshot)
     out.say(snapshots.describe(result))
+    if result.moved_aside is not None:
+        from asd import recovery
+
+        # Overlay mode's kept lower tree is root's and only links to the files beside it: not
+        # something to leave in the directory its owner will look through and delete.
+        with contextlib.suppress(StateError, SafetyError):
+            if recovery.discard_kept(result.moved_aside):
+                out.say(f"deleted the lower tree overlay mode kept in {result.moved_aside}")
     return 0
 
 

@@ -181,3 +181,27 @@ def test_clean_leaves_a_work_directory_asd_did_not_make(overlay_world: World) ->
     refused = world.asd("clean")
     assert refused.returncode == 1 and "not asd's own journal directory" in refused.stderr
     assert (planted / "lower.json").read_text() == "someone's file"
+
+
+def test_restore_takes_the_kept_tree_out_of_the_directory_it_moves_aside(
+    overlay_world: World,
+) -> None:
+    world = overlay_world
+    target = world.target("t")
+    (target / "f").write_text("v1\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)  # recovery takes the snapshot of v1
+    world.sh(f"echo v2 > {target}/f")
+    world.asd("unsync", check=True)
+    assert set(os.listdir(target / ".asd-work")) == KEPT
+    current = manifest(target)
+
+    done = world.asd("restore", check=True)
+    assert "deleted the lower tree overlay mode kept" in done.stdout
+    assert (target / "f").read_text() == "v1\n" and not (target / ".asd-work").exists()
+    aside = [p for p in world.disk.iterdir() if p.name.startswith("t-bad-")]
+    assert len(aside) == 1 and not os.path.lexists(aside[0] / ".asd-work")
+    assert manifest(aside[0]) == current, "the user's files and times moved aside as they were"
