@@ -143,7 +143,14 @@ class Engine:
             self.say(said)
 
     def sync(self) -> list[str]:
-        require("mount", "umount", "rsync", *([] if self.config.use_overlayfs else ["cp"]))
+        require(
+            "mount",
+            "umount",
+            "rsync",
+            *([] if self.config.use_overlayfs else ["cp"]),
+            # Recovery after a crash snapshots the disk copy before anything is mounted.
+            *(["tar", "zstd"] if self.config.use_backups else []),
+        )
         state = self.store.load()
         if state is None:
             state = RunState("syncing", self.config.to_json())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -186,6 +187,28 @@ def test_missing_tool_fails_cleanly(copy_world: World) -> None:
     assert proc.returncode == 1
     assert "is not installed" in proc.stderr
     assert_untouched(world, target, before)
+
+
+def test_a_missing_zstd_is_named_before_anything_is_done(copy_world: World) -> None:
+    """Crash recovery's snapshot needs tar and zstd: a sync finds out at its start, not after
+    a power cut, when recovery would be the first to run them."""
+    world = copy_world
+    target = world.target("t")
+    (target / "f").write_text("data\n")
+    world.write_conf(target)
+    before = manifest(target)
+    bin_dir = world.base / "bin"
+    bin_dir.mkdir()
+    for tool in ("mount", "umount", "rsync", "cp", "tar", "rm", "findmnt"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    argv = [sys.executable, "-m", "asd", "-c", str(world.conf), "sync"]
+    proc = world.run(["env", f"PATH={bin_dir}", *argv])
+    assert proc.returncode == 1 and "zstd is not installed" in proc.stderr, proc.stderr
+    assert_untouched(world, target, before)
+    world.conf.write_text(world.conf.read_text() + 'USE_BACKUPS="no"\n')
+    world.run(["env", f"PATH={bin_dir}", *argv], check=True)  # without snapshots, no zstd
 
 
 def test_sigterm_during_sync_undoes_and_exits_143(copy_world: World) -> None:
