@@ -10,8 +10,9 @@ of its owner, mode, times or xattrs, moves that directory's ctime, which no prog
 a file changed in place is the same inode, which the tree links already. A directory whose
 four numbers are those recorded is skipped; any other is listed on both sides and its lower
 entries made to match (a link to the same inode, or removed and made again), and so is every
-directory below one the record does not know. The disk copy's directories are read by name
-(as the build always was); the lower tree sits in asd's root-only ``.asd-work``.
+directory below one the record does not know. A disk copy directory is listed through a
+descriptor opened a name at a time from the top, never through a symlink (one swapped in
+while asd walks is refused); the lower tree sits in asd's root-only ``.asd-work``.
 
 A ctime is only as fine as the file system's clock tick (a second on old ext3): a directory
 changed within ``RACY_NS`` of the moment asd looked at it could change again within the same
@@ -29,6 +30,7 @@ are linked as symlinks, and the walk stays on the disk copy's file system.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from asd.dirfd import remove_at, remove_tree, syncfs
 from asd.dirmeta import O_DIR, dir_metadata_fd, set_dir_metadata_fd
+from asd.errors import SafetyError
 from asd.state import write_json_atomic
 
 VERSION = 1
@@ -133,46 +136,69 @@ class _Walk:
         """Bring the lower directory ``rel`` up to date; its subdirectories, to visit."""
         self.listed += 1
         looked = time.time_ns()
-        before = os.lstat(src_dir)
         if not os.path.isdir(dst_dir) or os.path.islink(dst_dir):
             remove_tree(Path(dst_dir))
             os.mkdir(dst_dir, 0o700)
-        with os.scandir(src_dir) as it:
-            want = {de.name: de for de in it if rel or de.name not in self.exclude_top}
-        subdirs: list[str] = []
-        dfd = os.open(dst_dir, O_DIR)
+        sfd = self._open_src(rel, src_dir)
         try:
-            with os.scandir(dfd) as it:
-                have = {de.name: de for de in it}
-            right = {n for n, de in have.items() if n in want and self._matches(want[n], de)}
-            for name in have.keys() - right:
-                remove_at(dfd, name)
-                self.removed += 1
-            for name, w in want.items():
-                kept = name in right
-                if w.is_dir(follow_symlinks=False):
-                    if not self._same_fs(w):
-                        continue  # another file system mounted inside: not part of the copy
-                    if not kept:
-                        os.mkdir(name, 0o700, dir_fd=dfd)
-                    subdirs.append(f"{rel}/{name}" if rel else name)
-                elif not kept:
-                    os.link(w.path, name, dst_dir_fd=dfd, follow_symlinks=False)
-                    self.linked += 1
-            sfd = os.open(src_dir, O_DIR)
+            before = os.fstat(sfd)
+            with os.scandir(sfd) as it:
+                want = {de.name: de for de in it if rel or de.name not in self.exclude_top}
+            subdirs: list[str] = []
+            dfd = os.open(dst_dir, O_DIR)
             try:
+                with os.scandir(dfd) as it:
+                    have = {de.name: de for de in it}
+                right = {n for n, de in have.items() if n in want and self._matches(want[n], de)}
+                for name in have.keys() - right:
+                    remove_at(dfd, name)
+                    self.removed += 1
+                for name, w in want.items():
+                    kept = name in right
+                    if w.is_dir(follow_symlinks=False):
+                        if not self._same_fs(w):
+                            continue  # another file system mounted inside: not part of the copy
+                        if not kept:
+                            os.mkdir(name, 0o700, dir_fd=dfd)
+                        subdirs.append(f"{rel}/{name}" if rel else name)
+                    elif not kept:
+                        os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                        self.linked += 1
                 set_dir_metadata_fd(dfd, dir_metadata_fd(sfd))
                 after = os.fstat(sfd)
+                mine = os.fstat(dfd)
             finally:
-                os.close(sfd)
-            mine = os.fstat(dfd)
+                os.close(dfd)
         finally:
-            os.close(dfd)
+            os.close(sfd)
         ctime = before.st_ctime_ns
         if (after.st_ino, after.st_ctime_ns) != (before.st_ino, ctime) or ctime >= looked - RACY_NS:
             ctime = UNKNOWN  # changed while asd listed it, or may change within its tick
         self.states[rel] = (before.st_ino, ctime, mine.st_ino, mine.st_ctime_ns)
         return subdirs
+
+    def _open_src(self, rel: str, shown: str) -> int:
+        """The disk copy's directory ``rel``, opened a name at a time from the top without
+        following a symlink: a directory swapped for one while asd walks is refused, so the
+        tree never links what a symlink points to."""
+        fd = os.open(self.src, O_DIR)
+        try:
+            for name in rel.split("/") if rel else ():
+                parent, fd = fd, -1
+                try:
+                    fd = os.open(name, O_DIR, dir_fd=parent)
+                finally:
+                    os.close(parent)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                raise SafetyError(
+                    f"{shown} stopped being a directory while asd built the overlay's lower "
+                    "tree (something renamed or replaced it); this start was undone, try again"
+                ) from exc
+            raise
+        return fd
 
     def _same_fs(self, de: os.DirEntry[str]) -> bool:
         return de.stat(follow_symlinks=False).st_dev == self.dev

@@ -12,6 +12,7 @@ import pytest
 
 from asd import dirmeta, lower
 from asd.dirmeta import dir_metadata
+from asd.errors import SafetyError
 
 WORK = frozenset({".asd-work"})
 
@@ -206,3 +207,36 @@ def test_a_record_that_cannot_be_trusted_means_building_from_nothing(
     done = refresh(src)
     assert done.built and lower.is_mirror(src, dst, WORK)
     assert json.loads(record.read_text())["version"] == lower.VERSION
+
+
+@pytest.mark.parametrize("swapped", ["c/sub", "c"])
+def test_a_directory_swapped_for_a_symlink_during_the_walk_is_refused_not_followed(
+    tmp_path: Path, tick: None, monkeypatch: pytest.MonkeyPatch, swapped: str
+) -> None:
+    """The owner of a target replaces a directory by a symlink to one elsewhere on the same
+    file system after asd listed its parent: no file from there may get into the tree."""
+    src, elsewhere = tmp_path / "t", tmp_path / "elsewhere"
+    make_tree(src)
+    elsewhere.mkdir()
+    update = lower._Walk._update
+
+    def swap_first(self: lower._Walk, rel: str, src_dir: str, dst_dir: str) -> list[str]:
+        if rel == "c/sub" and not os.path.islink(src / swapped):
+            os.rename(src / swapped, elsewhere / "moved")
+            os.symlink(elsewhere / "moved", src / swapped)
+        return update(self, rel, src_dir, dst_dir)
+
+    monkeypatch.setattr(lower._Walk, "_update", swap_first)
+    with pytest.raises(SafetyError, match="stopped being a directory"):
+        refresh(src)
+    # What "c/sub" names through the symlink (files of "c" itself were linked before the swap).
+    through = elsewhere / "moved" / ("sub" if swapped == "c" else "")
+    outside = {os.lstat(p).st_ino for p in through.rglob("*") if not p.is_dir()}
+    linked = {os.lstat(p).st_ino for p in (src / ".asd-work/lower").rglob("*") if not p.is_dir()}
+    assert outside and not outside & linked, "a file from outside the target was linked"
+
+    monkeypatch.setattr(lower._Walk, "_update", update)
+    os.unlink(src / swapped)
+    os.rename(elsewhere / "moved", src / swapped)
+    refresh(src)
+    assert lower.is_mirror(src, src / ".asd-work/lower", WORK)
