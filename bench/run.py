@@ -378,9 +378,6 @@ class Bench:
             t.mkdir(parents=True)
             populate(t, DataSet("p", 1000, 0.0, 250), rng)
             targets.append(t)
-        # asd as packaged: dh_python3 and Arch's python packages ship byte-compiled modules,
-        # and this shell may set PYTHONDONTWRITEBYTECODE, which would time the compiler instead
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "asd")], check=True)
         conf = self.base / "asd-ten.conf"
         listed = " ".join(f"'{t}'" for t in targets)
         conf.write_text(f'WHATTOSYNC=({listed})\nVOLATILE="{self.volatile}"\n')
@@ -555,6 +552,9 @@ def main() -> int:
         env = {**os.environ, IN_NS: "1"}
         argv = ["unshare", "-m", "--propagation", "private", sys.executable, *sys.argv]
         return subprocess.run(argv, env=env, check=False).returncode
+    # asd as packaged: dh_python3 and Arch's python packages ship byte-compiled modules, and
+    # this shell may set PYTHONDONTWRITEBYTECODE, which would time the compiler at every phase.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "asd")], check=True)
     bench = Bench(args.quick)
     sets = datasets(args.quick)
     if args.only:
