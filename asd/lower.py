@@ -76,8 +76,7 @@ def refresh(
     known = _load(record, src, dst)
     built = known is None
     if known is None:
-        remove_tree(record)  # first: a half-removed tree must never meet its old record
-        remove_tree(dst)
+        discard(dst, record)
         os.mkdir(dst, 0o700)
         known = {}
     walk = _Walk(src, dst, exclude_top, known)
@@ -89,6 +88,13 @@ def refresh(
         os.close(fd)
     _save(record, walk.states)
     return Refresh(built, len(walk.states), walk.listed, walk.linked, walk.removed)
+
+
+def discard(dst: Path, record: Path) -> None:
+    """Remove the tree and its record; the record first: a half-removed tree must never meet
+    its old record."""
+    remove_tree(record)
+    remove_tree(dst)
 
 
 class _Walk:

@@ -67,12 +67,15 @@ def run(
     cwd: str | None = None,
     pass_fds: Collection[int] = (),
     watch: Watch | None = None,
+    piped: bool = False,
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 
     ``pass_fds``: descriptors the command inherits, under the same numbers (for
     ``/proc/self/fd/N`` paths); every other one is closed. ``watch``: entered with the
-    command's pid while it runs (progress on a terminal, `asd.progress`).
+    command's pid while it runs (progress on a terminal, `asd.progress`). ``piped``: stdout
+    is a pipe instead of sh's default pseudo-terminal, for output read as data (find quotes
+    unusual characters in names for a terminal).
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -89,6 +92,8 @@ def run(
         "_return_cmd": True,
         "_decode_errors": "surrogateescape",
     }
+    if piped:
+        options["_tty_out"] = False
     if pass_fds:
         options["_pass_fds"] = set(pass_fds)
     for fd in pass_fds:

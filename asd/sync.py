@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from asd import devices, shrink, steps, tree, upper
+from asd import devices, links, lower, shrink, steps, tree, upper
 from asd.config import Config
 from asd.disks import human_size
 from asd.errors import AsdError, SafetyError, StateError
@@ -109,14 +109,16 @@ class Engine:
                 "sync fewer targets"
             )
 
-    def hardlinks(self, layout: TargetLayout) -> None:
+    def hardlinks(self, layout: TargetLayout, root: Path, names_per_file: int = 1) -> None:
+        """Refuse a target with files hard-linked to outside it (`asd.links`). Copy mode checks
+        before anything is mounted; overlay mode right after its lower tree mirrors the disk
+        copy (``root``, the backup bind), where each name has one twin in the tree."""
         if not self.config.enable_hardlink_safety_check:
             return
-        kept = layout.target / WORK_NAME / "lower"  # what recovery kept is asd's (`KEPT`)
-        ours = self.config.use_overlayfs and kept.is_dir() and not kept.is_symlink()
-        mirror = kept if ours else None
-        split = tree.outside_links(layout.target, frozenset({WORK_NAME}), mirror)
+        split = links.linked_outside(root, frozenset({WORK_NAME}), names_per_file)
         if split:
+            if names_per_file == 2:  # asd's own tree, not left behind by a refused sync
+                lower.discard(layout.lower, layout.lower_record)
             shown = ", ".join(str(layout.target / r) for r in split[:5])
             more = f" and {len(split) - 5} more" if len(split) > 5 else ""
             raise SafetyError(
@@ -139,6 +141,8 @@ class Engine:
         steps.refuse_leftover(step)
         self.store.record(state, step.target, step.to_json())
         said = steps.perform(step, layout)
+        if step.kind == "lower":
+            self.hardlinks(layout, Path(step.source), names_per_file=2)
         if said:
             self.say(said)
 
@@ -150,6 +154,7 @@ class Engine:
             *([] if self.config.use_overlayfs else ["cp"]),
             # Recovery after a crash snapshots the disk copy before anything is mounted.
             *(["tar", "zstd"] if self.config.use_backups else []),
+            *(["find"] if self.config.enable_hardlink_safety_check else []),
         )
         state = self.store.load()
         if state is None:
@@ -176,13 +181,15 @@ class Engine:
         table = MountTable.read()
         for layout in todo:
             self.check_target(layout, table)
-        # Recovery first: it finishes a crashed resync and removes asd's own leftovers (the
-        # overlay lower tree is all hard links), so the checks below see the user's tree.
+        # Recovery first: it finishes a crashed resync and removes asd's own leftovers, so the
+        # checks below see the user's tree. Overlay mode checks links once its lower tree is
+        # up to date (`execute`): the tree links every file of the disk copy again.
         plans = {layout: plan_target(layout, self.config.use_overlayfs) for layout in todo}
-        for layout, plan in plans.items():
+        for plan in plans.values():
             self.execute(plan[0], state)
-            self.hardlinks(layout)
         if not self.config.use_overlayfs:
+            for layout in todo:
+                self.hardlinks(layout, layout.target)
             self.budget(todo)
         synced: list[str] = []
         try:

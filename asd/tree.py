@@ -1,4 +1,4 @@
-"""Reading directory trees: the index of a RAM copy, what changed since, sizes, hard links.
+"""Reading directory trees: the index of a RAM copy, what changed since, sizes.
 
 An index maps each path relative to the tree's root ("" is the root) to the lstat fields that
 change whenever content or metadata change (ctime moves on every write, chmod, chown, xattr
@@ -214,32 +214,3 @@ def disk_usage(root: Path, exclude_top: frozenset[str] = frozenset()) -> int:
             seen.add(st.st_ino)
         total += st.st_blocks * 512
     return total
-
-
-def outside_links(
-    root: Path, exclude_top: frozenset[str] = frozenset(), mirror: Path | None = None
-) -> list[str]:
-    """Files with hard links outside ``root`` (the RAM copy would split them). The names of
-    ``mirror`` (asd's own kept lower tree, `asd.lower`, on the same file system) count as
-    inside: they are read from the directory entries alone, without a stat per file."""
-    counts: dict[int, list[str | int]] = {}
-    for rel, st in walk(root, exclude_top):
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            rec = counts.setdefault(st.st_ino, [rel, st.st_nlink, 0])
-            rec[2] = int(rec[2]) + 1
-    if mirror is not None and counts:
-        for ino in _inodes(mirror):
-            if ino in counts:
-                counts[ino][2] = int(counts[ino][2]) + 1
-    return sorted(str(r[0]) for r in counts.values() if int(r[2]) < int(r[1]))
-
-
-def _inodes(root: Path) -> Iterator[int]:
-    """The inode of every non-directory under ``root``, from the directory entries."""
-    stack = [os.fspath(root)]
-    while stack:
-        for de in _entries(stack.pop()):
-            if de.is_dir(follow_symlinks=False):
-                stack.append(de.path)
-            else:
-                yield de.inode()

@@ -29,6 +29,7 @@ DEPENDS = [
     "python-pyudev",
     "python-sh",
     "coreutils",
+    "findutils",
     "rsync",
     "zstd",
     "tar",

@@ -103,7 +103,9 @@ def test_a_link_to_outside_is_still_refused_beside_a_kept_tree(overlay_world: Wo
     assert refused.returncode != 0 and "hard-linked to files outside it" in refused.stderr
     assert str(target / "linked") in refused.stderr and "db" not in refused.stderr
     assert world.asd_mounts() == []
+    assert not os.path.lexists(target / ".asd-work"), "the refused sync discarded the tree"
     os.unlink(world.disk / "outside")
+    os.link(target / "linked", target / "second name")  # a link inside is no reason to refuse
     world.asd("sync", check=True)
     world.asd("unsync", check=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from asd import links
 from tests.integration.conftest import World
 from tests.integration.manifest import manifest
 
@@ -161,16 +162,25 @@ def test_enospc_during_copy_is_undone(copy_world: World) -> None:
     assert_untouched(world, target, before)
 
 
-def test_hard_links_outside_the_target(copy_world: World) -> None:
-    world = copy_world
+def test_hard_links_outside_the_target(world: World) -> None:
+    """Refused in both modes, naming the file, and nothing is left: in overlay mode not the
+    lower tree either, which is built before the check there. Links inside are fine."""
     target = world.target("t")
+    (target / "sub").mkdir()
     (target / "inside").write_text("shared\n")
+    (target / "pair").write_text("both names inside\n")
+    os.link(target / "pair", target / "sub/pair")
     os.link(target / "inside", world.disk / "outside")
     world.write_conf(target)
     before = manifest(target)
     proc = world.asd("sync")
     assert proc.returncode == 1 and "hard-linked" in proc.stderr and "inside" in proc.stderr
+    assert "pair" not in proc.stderr
     assert_untouched(world, target, before)
+    os.unlink(world.disk / "outside")
+    world.asd("sync", check=True)
+    world.asd("unsync", check=True)
+    os.link(target / "inside", world.disk / "outside")
     world.write_conf(target, extra="ENABLE_HARDLINK_SAFETY_CHECK=0\n")
     assert world.asd("sync").returncode == 0
 
@@ -199,7 +209,7 @@ def test_a_missing_zstd_is_named_before_anything_is_done(copy_world: World) -> N
     before = manifest(target)
     bin_dir = world.base / "bin"
     bin_dir.mkdir()
-    for tool in ("mount", "umount", "rsync", "cp", "tar", "rm", "findmnt"):
+    for tool in ("mount", "umount", "rsync", "cp", "tar", "rm", "find", "findmnt"):
         found = shutil.which(tool)
         if found:
             (bin_dir / tool).symlink_to(found)
@@ -286,3 +296,19 @@ def test_restore_refuses_a_crafted_snapshot(copy_world: World) -> None:
     assert (target / "f").read_text() == "mine\n"
     assert not (world.base / "escaped").exists() and not Path("/var/tmp/escaped").exists()
     assert not [p for p in world.disk.iterdir() if "-bad-" in p.name]
+
+
+def test_the_link_check_with_the_real_find(tmp_path: Path) -> None:
+    """`asd.links` with find(1) itself: odd names, links inside, asd's own directory."""
+    target = tmp_path / "t"
+    (target / ".asd-work").mkdir(parents=True)
+    (target / "a b\nc").write_text("split")
+    os.link(target / "a b\nc", tmp_path / "outside")
+    (target / "pair").write_text("inside")
+    os.link(target / "pair", target / "pair2")
+    (target / "alone").write_text("one name")
+    os.link(target / "alone", target / ".asd-work/twin")  # asd's tree is not looked at
+    assert links.linked_outside(target, frozenset({".asd-work"})) == ["a b\nc", "alone"]
+    assert links.linked_outside(target, frozenset({".asd-work"}), names_per_file=2) == []
+    os.unlink(tmp_path / "outside")
+    assert links.linked_outside(target, frozenset({".asd-work"})) == ["alone"]

@@ -14,11 +14,12 @@ from asd.disks import human_size
 from asd.holders import Holder, holders
 from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
+from asd.links import find_argv, split_files
 from asd.mounts import MountTable, overlay, parse_mountinfo, umount, unescape
 from asd.state import RunState, StateStore, locked, write_json_atomic
 from asd.steps import Step, plan_target
 from asd.sync import describe_plan, meminfo_available
-from asd.tree import Changes, diff, index, outside_links
+from asd.tree import Changes, diff, index
 
 MOUNTINFO = (
     "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
@@ -150,14 +151,28 @@ def test_diff_sees_metadata_and_type_changes(tmp_path: Path) -> None:
     assert "f" in ch.files and "l" in ch.files and "l" in ch.deleted
 
 
-def test_outside_links(tmp_path: Path) -> None:
-    inside = tmp_path / "t"
-    inside.mkdir()
-    (inside / "a").write_text("a")
-    os.link(inside / "a", inside / "b")
-    assert outside_links(inside) == []
-    os.link(inside / "a", tmp_path / "outside")
-    assert outside_links(inside) in (["a"], ["b"]), "one name of the split inode"
+def test_the_link_check_asks_find_for_files_with_more_links_than_names() -> None:
+    argv = find_argv(frozenset({".asd-work"}), 2)
+    assert argv[:3] == ["find", ".", "-xdev"]
+    assert argv[3:7] == ["-path", "./.asd-work", "-prune", "-o"], "asd's own top-level name"
+    assert argv[7:] == ["!", "-type", "d", "-links", "+2", "-printf", "%i %n %P\\0"]
+    assert find_argv(frozenset(), 1)[3:6] == ["!", "-type", "d"], "nothing excluded"
+
+
+@pytest.mark.parametrize(
+    ("found", "names_per_file", "split"),
+    [
+        ("", 1, []),
+        ("7 2 a\07 2 sub/b\0", 1, []),  # both names inside
+        ("7 3 a\07 3 sub/b\0", 1, ["a"]),  # a third name elsewhere: one name of it
+        ("7 2 z\09 2 x y\09 2 x z\0", 1, ["z"]),  # a space in a name is its own
+        ("7 4 a\07 4 b\0", 2, []),  # two names, each with its twin in the lower tree
+        ("7 3 a\0", 2, ["a"]),  # one name, its twin, and one more
+        ("5 2 new\nline\06 2 ok\0", 1, ["new\nline", "ok"]),
+    ],
+)
+def test_files_split_by_a_ram_copy(found: str, names_per_file: int, split: list[str]) -> None:
+    assert split_files(found, names_per_file) == split
 
 
 def test_journal_roll_forward_is_idempotent(tmp_path: Path) -> None:
