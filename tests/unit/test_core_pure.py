@@ -163,12 +163,12 @@ def test_the_link_check_asks_find_for_files_with_more_links_than_names() -> None
     ("found", "names_per_file", "split"),
     [
         ("", 1, []),
-        ("7 2 a\07 2 sub/b\0", 1, []),  # both names inside
-        ("7 3 a\07 3 sub/b\0", 1, ["a"]),  # a third name elsewhere: one name of it
-        ("7 2 z\09 2 x y\09 2 x z\0", 1, ["z"]),  # a space in a name is its own
-        ("7 4 a\07 4 b\0", 2, []),  # two names, each with its twin in the lower tree
-        ("7 3 a\0", 2, ["a"]),  # one name, its twin, and one more
-        ("5 2 new\nline\06 2 ok\0", 1, ["new\nline", "ok"]),
+        ("7 2 a\x007 2 sub/b\x00", 1, []),  # both names inside
+        ("7 3 a\x007 3 sub/b\x00", 1, ["a"]),  # a third name elsewhere: one name of it
+        ("7 2 z\x009 2 x y\x009 2 x z\x00", 1, ["z"]),  # a space in a name is its own
+        ("7 4 a\x007 4 b\x00", 2, []),  # two names, each with its twin in the lower tree
+        ("7 3 a\x00", 2, ["a"]),  # one name, its twin, and one more
+        ("5 2 new\nline\x006 2 ok\x00", 1, ["new\nline", "ok"]),
     ],
 )
 def test_files_split_by_a_ram_copy(found: str, names_per_file: int, split: list[str]) -> None:
