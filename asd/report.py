@@ -45,6 +45,7 @@ class TargetReport:
     device_summary: str = ""
     judgement: str = ""
     waits_for: str | None = None
+    kept_lower: str | None = None  # stopped: overlay mode's lower tree, kept for the next sync
 
 
 def target_report(
@@ -70,6 +71,9 @@ def target_report(
     if in_ram and state is not None and str(target) in state.ram:
         rep.ram_given_back = state.ram[str(target)]
     rep.snapshots = [s.to_json() for s in snapshots.list_snapshots(target)]
+    kept = target / WORK_NAME / "lower"
+    if not in_ram and os.path.isdir(kept) and not os.path.islink(kept):
+        rep.kept_lower = str(kept)
     return rep
 
 
@@ -193,6 +197,11 @@ def render_text(doc: dict[str, Any]) -> str:
             lines.append(f"              {t['judgement']}")
         for s in t["snapshots"]:
             lines.append(f"  snapshot:   {s['path']} ({human_size(s['size_bytes'])})")
+        if t.get("kept_lower"):
+            lines.append(
+                f"  kept:       {t['kept_lower']} (overlay mode's lower tree, hard links reused "
+                "by the next sync; 'asd clean' deletes it)"
+            )
         for w in t["warnings"]:
             if w != t["judgement"]:
                 lines.append(f"  warning:    {w}")

@@ -4,6 +4,7 @@ and whatever the disk copy holds is what the target shows. Copy mode removes it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -149,12 +150,19 @@ def test_clean_deletes_a_kept_tree_but_not_one_in_use_or_beside_a_journal(
     assert "'asd clean' deletes it" in stopped.stdout
     assert set(os.listdir(target / ".asd-work")) == KEPT
     before, mtime = manifest(target), os.lstat(target).st_mtime_ns
+    shown = json.loads(world.asd("parse", "--json", check=True).stdout)["targets"][0]
+    assert shown["kept_lower"] == f"{target}/.asd-work/lower"
+    assert "'asd clean' deletes it" in world.asd("parse", check=True).stdout
 
     cleaned = world.asd("clean", check=True)
     assert f"deleted {target}/.asd-work" in cleaned.stdout
     assert not os.path.lexists(target / ".asd-work")
     assert manifest(target) == before and os.lstat(target).st_mtime_ns == mtime
     assert "no crash-recovery snapshots" in world.asd("clean", check=True).stdout
+    assert (
+        json.loads(world.asd("parse", "--json", check=True).stdout)["targets"][0]["kept_lower"]
+        is None
+    )
 
     synced = world.asd("sync", check=True)
     assert "built the overlay's lower tree" in synced.stdout
