@@ -178,6 +178,20 @@ def copy_world() -> Iterator[World]:
         yield w
 
 
+def snapshot_of_v1_and_v2_in_ram(world: World, name: str) -> Path:
+    """A target whose file ``f`` read "v1" when a crash left its snapshot (taken by the
+    recovery at the next sync) and reads "v2" in RAM now."""
+    target = world.target(name)
+    (target / "f").write_text("v1\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)  # recovery takes the snapshot of v1
+    world.sh(f"echo v2 > {target}/f")
+    return target
+
+
 def populate(root: Path) -> None:
     """A tree with everything guarantee 1 names: owners, modes, times, xattrs, ACLs,
     symlinks, sparse files and hard links, plus awkward names."""

@@ -14,7 +14,13 @@ import pytest
 
 from asd import lower
 from asd.layout import KEPT
-from tests.integration.conftest import CHANGES, World, booted_world, populate
+from tests.integration.conftest import (
+    CHANGES,
+    World,
+    booted_world,
+    populate,
+    snapshot_of_v1_and_v2_in_ram,
+)
 from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
 
@@ -197,14 +203,7 @@ def test_restore_takes_the_kept_tree_out_of_the_directory_it_moves_aside(
     overlay_world: World,
 ) -> None:
     world = overlay_world
-    target = world.target("t")
-    (target / "f").write_text("v1\n")
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.power_cut()
-    world.boot()
-    world.asd("sync", check=True)  # recovery takes the snapshot of v1
-    world.sh(f"echo v2 > {target}/f")
+    target = snapshot_of_v1_and_v2_in_ram(world, "t")
     world.asd("unsync", check=True)
     assert set(os.listdir(target / ".asd-work")) == KEPT
     current = manifest(target)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from asd import links
-from tests.integration.conftest import World
+from tests.integration.conftest import World, snapshot_of_v1_and_v2_in_ram
 from tests.integration.manifest import manifest
 
 PWNED = Path("/var/tmp/asd-test-pwned")
@@ -252,14 +252,7 @@ def test_sigterm_during_sync_undoes_and_exits_143(copy_world: World) -> None:
 
 def test_restore_is_safe_and_refused_while_running(copy_world: World) -> None:
     world = copy_world
-    target = world.target("t")
-    (target / "f").write_text("v1\n")
-    world.write_conf(target)
-    world.asd("sync", check=True)
-    world.power_cut()
-    world.boot()
-    world.asd("sync", check=True)  # takes the snapshot of v1
-    world.sh(f"echo v2 > {target}/f")
+    target = snapshot_of_v1_and_v2_in_ram(world, "t")
     refused = world.asd("restore")
     assert refused.returncode == 1 and "running" in refused.stderr
     world.asd("unsync", check=True)
