@@ -256,7 +256,7 @@ def clean(engine: Engine, out: Output) -> None:
             if engine.config.use_overlayfs:
                 out.say(f"{target}: asd runs for it, so its lower tree is in use and stays")
             continue
-        if os.path.isdir(target) and recovery.discard_kept(target):
+        if os.path.isdir(target) and not os.path.islink(target) and recovery.discard_kept(target):
             out.say(
                 f"deleted {target / WORK_NAME} (the lower tree overlay mode kept between "
                 "sessions; the next sync builds it again)"
