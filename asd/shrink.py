@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import carry, coreutils, delta, index, mountapi, upper
+from asd import carry, coreutils, delta, index, mapped, mountapi, upper
 from asd.dirfd import open_private_dir, remove_at
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
 from asd.disks import human_size
@@ -178,11 +178,18 @@ def _hot(layout: TargetLayout, baseline: Index) -> set[str]:
     """Files changed again since the last switch, that had changed before it too: a log, a
     database, an RRD file, changed in place all the time. They stay in RAM, in the new upper
     layer, so that the disk copy's file keeps one name and the next resync can patch it in
-    place (`asd.patch`) rather than write it whole every time."""
+    place (`asd.patch`) rather than write it whole every time. So do files the resync smudged
+    (`asd.mapped`): a program may have written them through a mapping after the resync copied
+    them, which no time shows, so the old layer may hold what the disk does not."""
+    smudged = {
+        rel
+        for rel, entry in baseline.items()
+        if rel and entry[0] == stat.S_IFREG and entry[7] == mapped.SMUDGED
+    }
     if not layout.generation:
-        return set()
+        return smudged
     start, _scope = index.load(_start(layout))
-    return {
+    return smudged | {
         rel
         for rel, entry in baseline.items()
         if rel

@@ -11,6 +11,7 @@ an fsync per file costs a journal commit each, ten times the bytes changed for s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import index, rsync, upper
+from asd import index, mapped, rsync, upper
 from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
@@ -161,13 +162,36 @@ def copy_listed(
         log.debug("rsync: %s", exc.stderr.strip())  # counted as vanished by the caller
 
 
+def smudge_mapped(layout: TargetLayout, new: Index, before: mapped.Look, wrote: Changes) -> int:
+    """Smudge the entries of files mapped for writing at ``before`` or now, and of those this
+    resync wrote whose times are as recent as ``before`` (`asd.mapped`)."""
+    files = before.files | mapped.shared_writable()
+    rels = set(mapped.racy(new, wrote.files, before.started_ns))
+    if files and upper.is_overlay(layout):  # a mapping shows the merged view's inode
+        for rel, entry in new.items():
+            if stat.S_ISREG(entry[0]) and rel not in rels:
+                with contextlib.suppress(OSError):
+                    st = os.stat(layout.ram_copy / rel, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) in files:
+                        rels.add(rel)
+    elif files:
+        dev = os.lstat(layout.ram_copy).st_dev
+        inodes = {ino for d, ino in files if d == dev}
+        rels |= {r for r, e in new.items() if e[1] in inodes and stat.S_ISREG(e[0])}
+    return mapped.smudge(new, rels)
+
+
 def resync_target(layout: TargetLayout) -> WriteBack:
     journal = Journal(layout.backup)
     done = journal.recover()
     if done:
         log.warning("%s: %s", layout.target, done)
+    before = mapped.look()
     old, new, changes = compare(layout)
+    compared = changes  # before patched files are taken out of it
     if changes.empty:
+        if smudge_mapped(layout, new, before, changes):
+            save_index(layout, new)
         return WriteBack(layout.target, 0, 0, ())
     list_file = layout.index_file.with_suffix(".list")
     try:
@@ -205,6 +229,7 @@ def resync_target(layout: TargetLayout) -> WriteBack:
         raise
     finally:
         list_file.unlink(missing_ok=True)
+    smudge_mapped(layout, new, before, compared)
     save_index(layout, new)
     written = len(final.files) + len(patches) + len(final.dirs)
     return WriteBack(layout.target, written, len(final.deleted), vanished)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asd import delta, upper
+from asd import delta, mapped, shrink, upper
 from asd.layout import Instance
 from asd.mounts import MountTable, is_layer_of, parse_mountinfo
 from asd.state import RunState
@@ -165,3 +165,16 @@ def test_the_run_state_keeps_what_each_resync_did_with_the_ram() -> None:
     again = RunState.from_json(state.to_json())
     assert again.ram == state.ram
     assert RunState.from_json({**state.to_json(), "ram": None} | {"ram": {}}).ram == {}
+
+
+def test_a_file_smudged_for_a_mapping_stays_in_ram_at_the_switch(tmp_path: Path) -> None:
+    """A program may have written it through a mapping after the resync copied it (no time
+    shows that), so the new layer takes the old layer's version (`asd.mapped`)."""
+    layout = Instance(tmp_path / "asd.conf", tmp_path / "vol").target(Path("/srv/t"))
+    plain: Entry = (stat.S_IFREG, 7, 0o100644, 0, 0, 10, 1, 2, 1, 0)
+    baseline = {
+        "": (stat.S_IFDIR, 2, 0o40755, 0, 0, 0, 1, 2, 2, 0),
+        "mapped": mapped.smudge_entry(plain),
+        "plain": plain,
+    }
+    assert shrink._hot(layout, baseline) == {"mapped"}
