@@ -30,7 +30,9 @@ from pathlib import Path
 from asd.tree import Entry, Index
 
 SMUDGED = -1  # a ctime no file has: the entry never matches a walk
-RACY_NS = 1_000_000_000  # tmpfs stamps times from a clock that lags by up to a tick
+# tmpfs stamps times from the coarse clock, which lags by up to a tick (10 ms at HZ=100). Not
+# more: a file written just before a resync would be smudged, and kept in RAM at the give-back.
+RACY_NS = 50_000_000
 
 
 @dataclass(frozen=True)

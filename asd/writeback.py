@@ -177,7 +177,8 @@ def smudge_mapped(layout: TargetLayout, new: Index, before: mapped.Look, wrote: 
     elif files:
         dev = os.lstat(layout.ram_copy).st_dev
         inodes = {ino for d, ino in files if d == dev}
-        rels |= {r for r, e in new.items() if e[1] in inodes and stat.S_ISREG(e[0])}
+        if inodes:  # a walk of the index only for mappings on the RAM copy's file system
+            rels |= {r for r, e in new.items() if e[1] in inodes and stat.S_ISREG(e[0])}
     return mapped.smudge(new, rels)
 
 
