@@ -31,8 +31,9 @@ from asd.tree import Entry, Index
 
 SMUDGED = -1  # a ctime no file has: the entry never matches a walk
 # tmpfs stamps times from the coarse clock, which lags by up to a tick (10 ms at HZ=100). Not
-# more: a file written just before a resync would be smudged, and kept in RAM at the give-back.
-RACY_NS = 50_000_000
+# much more: a file written just before a resync would be smudged (written again by the next
+# one, and kept in RAM at the give-back).
+RACY_NS = 20_000_000
 
 
 @dataclass(frozen=True)
