@@ -15,8 +15,9 @@ can have (`SMUDGED`), so that the next resync finds them changed and writes them
 the file with its first write; a file this resync wrote whose mtime or ctime is that recent
 (within `RACY_NS` of the look) is smudged too, so a mapping made and dropped while the resync
 ran is caught as well. Each look reads /proc/PID/maps of every process and stats each shared
-writable mapping through /proc/PID/map_files, so a file is found by its device and inode
-whatever the mapping process's root or mount namespace.
+writable mapping through /proc/PID/map_files (root's: it takes CAP_SYS_ADMIN or
+CAP_CHECKPOINT_RESTORE), so a file is found by its device and inode whatever the mapping
+process's root or mount namespace.
 """
 
 from __future__ import annotations
