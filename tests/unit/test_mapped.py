@@ -29,7 +29,9 @@ def entry(mtime: int, ctime: int, ino: int = 7) -> Entry:
     return (0o100000, ino, 0o100644, 0, 0, 10, mtime, ctime, 1, 0)
 
 
-@pytest.mark.skipif(not map_files_readable(), reason="needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (asd runs as root)")
+@pytest.mark.skipif(
+    not map_files_readable(), reason="needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE (asd has)"
+)
 def test_a_shared_writable_mapping_is_found_and_a_private_or_read_only_one_is_not(
     tmp_path: Path,
 ) -> None:
