@@ -54,7 +54,7 @@ def linked_outside(
     """Files under ``root`` hard-linked to files outside it. ``names_per_file``: 2 when asd's
     lower tree mirrors ``root`` on the same file system, else 1."""
     argv = find_argv(exclude_top, names_per_file)
-    result = run(argv, cwd=str(root), ok_codes=(0, 1), piped=True)
+    result = run(argv, cwd=str(root), ok_codes=(0, 1))
     errors = [line for line in result.stderr.splitlines() if not line.endswith(VANISHED)]
     if result.exit_code != 0 and errors:
         raise CommandError(argv, result.exit_code, result.stdout, result.stderr)

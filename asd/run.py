@@ -1,8 +1,10 @@
 """The one place asd runs other programs (through the `sh` library).
 
 Every call is logged at debug level as a line that can be pasted into a shell, runs with
-``LC_ALL=C`` and stdin from /dev/null, names the exit codes it accepts, and fails with a
-single exception type, `CommandError`, that carries argv, exit code, stdout and stderr.
+``LC_ALL=C``, stdin from /dev/null and stdout to a pipe (not sh's default pseudo-terminal, for
+which programs such as find rewrite unusual characters in what they print), names the exit
+codes it accepts, and fails with a single exception type, `CommandError`, that carries argv,
+exit code, stdout and stderr.
 """
 
 from __future__ import annotations
@@ -67,15 +69,12 @@ def run(
     cwd: str | None = None,
     pass_fds: Collection[int] = (),
     watch: Watch | None = None,
-    piped: bool = False,
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 
     ``pass_fds``: descriptors the command inherits, under the same numbers (for
     ``/proc/self/fd/N`` paths); every other one is closed. ``watch``: entered with the
-    command's pid while it runs (progress on a terminal, `asd.progress`). ``piped``: stdout
-    is a pipe instead of sh's default pseudo-terminal, for output read as data (find quotes
-    unusual characters in names for a terminal).
+    command's pid while it runs (progress on a terminal, `asd.progress`).
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -88,12 +87,11 @@ def run(
         "_env": command_env(env),
         "_cwd": cwd,
         "_in": os.devnull,
+        "_tty_out": False,
         "_ok_code": list(ok_codes),
         "_return_cmd": True,
         "_decode_errors": "surrogateescape",
     }
-    if piped:
-        options["_tty_out"] = False
     if pass_fds:
         options["_pass_fds"] = set(pass_fds)
     for fd in pass_fds:
