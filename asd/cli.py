@@ -98,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pa = cmd("parse", "show what asd will do or is doing", aliases=("p", "preview"))
     pa.add_argument("--json", action="store_true", help="one JSON document")
-    cmd(
+    cl = cmd(
         "clean",
         "delete the configured targets' crash-recovery snapshots and the lower trees overlay "
         "mode keeps in stopped targets",
+    )
+    cl.add_argument(
+        "--lower-trees",
+        action="store_true",
+        help="only the kept lower trees; the snapshots stay (what package removal runs)",
     )
     rs = cmd("restore", "restore a target from a crash-recovery snapshot (asd must be stopped)")
     rs.add_argument("what", nargs="?", help="a snapshot file, or a target (its newest snapshot)")
@@ -233,34 +238,45 @@ def act(command: str, args: argparse.Namespace, engine: Engine, out: Output) -> 
             else:
                 out.say(f"{target}: back on disk, nothing of asd left")
     elif command == "clean":
-        clean(engine, out)
+        return clean(engine, out, snapshots_too=not args.lower_trees)
     elif command == "restore":
         return restore(args.what, engine, out)
     return 0
 
 
-def clean(engine: Engine, out: Output) -> None:
+def clean(engine: Engine, out: Output, *, snapshots_too: bool = True) -> int:
     """Crash-recovery snapshots of every configured target, and the lower tree overlay mode
-    keeps in a stopped target (not in one asd runs: it is the overlay's lower layer)."""
+    keeps in a stopped target (not in one asd runs: it is the overlay's lower layer). A tree
+    that cannot go (a crashed session's journal beside it) is said and the others still go:
+    exit 1 if any stayed."""
     from asd import recovery
 
-    removed = [p for t in engine.config.whattosync for p in snapshots.clean(t)]
-    for path in removed:
-        out.say(f"deleted {path}")
-    if not removed:
-        out.say("no crash-recovery snapshots to delete")
+    if snapshots_too:
+        removed = [p for t in engine.config.whattosync for p in snapshots.clean(t)]
+        for path in removed:
+            out.say(f"deleted {path}")
+        if not removed:
+            out.say("no crash-recovery snapshots to delete")
     state = engine.store.load()
     mounts = MountTable.read()
+    refused = 0
     for target in engine.config.whattosync:
         if (state is not None and str(target) in state.actions) or mounts.is_mountpoint(target):
             if engine.config.use_overlayfs:
                 out.say(f"{target}: asd runs for it, so its lower tree is in use and stays")
             continue
-        if os.path.isdir(target) and not os.path.islink(target) and recovery.discard_kept(target):
-            out.say(
-                f"deleted {target / WORK_NAME} (the lower tree overlay mode kept between "
-                "sessions; the next sync builds it again)"
-            )
+        if not os.path.isdir(target) or os.path.islink(target):
+            continue
+        try:
+            if recovery.discard_kept(target):
+                out.say(
+                    f"deleted {target / WORK_NAME} (the lower tree overlay mode kept between "
+                    "sessions; the next sync builds it again)"
+                )
+        except (StateError, SafetyError) as exc:
+            out.error(str(exc))
+            refused += 1
+    return 1 if refused else 0
 
 
 def restore(what: str | None, engine: Engine, out: Output) -> int:

@@ -135,5 +135,7 @@ def test_pacman_remove_stops_asd_first(arch_box: Container) -> None:
     box.run("pacman -R --noconfirm anything-sync-daemon")
     assert box.mounted_under(TARGET, "/tmp/asd-root") == []
     assert box.disk(f"{TARGET}/d.txt").read_text() == "only in RAM at removal\n"
+    # the stop kept overlay mode's lower tree; the removal deleted it
+    assert not box.disk(f"{TARGET}/.asd-work").exists()
     # backup= keeps the edited config as .pacsave
     assert box.run("test -e /etc/asd.conf.pacsave", check=False).returncode == 0

@@ -289,7 +289,16 @@ def test_upgrade_while_running_loses_nothing(deb_box: Container) -> None:
 
 
 def test_purge_stops_first_data_on_disk_nothing_mounted(deb_box: Container) -> None:
+    """In overlay mode, so that the stop keeps a lower tree in each target: the removal
+    deletes those, and leaves the crash-recovery snapshot alone."""
     box = deb_box
+    box.run(
+        "systemctl stop asd.service && echo 'USE_OVERLAYFS=\"yes\"' >> /etc/asd.conf"
+        " && systemctl start asd.service"
+    )
+    box.settle()
+    assert in_ram(box) == {ONE: "overlay", TWO: "overlay"}
+    assert box.disk(f"{ONE}/.asd-work/lower").is_dir()
     box.write(f"{ONE}/before-purge.txt", "one: only in RAM when purge starts")
     box.run("DEBIAN_FRONTEND=noninteractive apt-get purge -y anything-sync-daemon")
     assert box.run("dpkg-query -W anything-sync-daemon", check=False).stdout.strip() in (
@@ -308,3 +317,6 @@ def test_purge_stops_first_data_on_disk_nothing_mounted(deb_box: Container) -> N
         assert disk_text(box, path) == text, path
     leftovers = [p.name for p in box.disk("/srv").iterdir() if p.name.endswith("-backup_asd")]
     assert leftovers == []
+    for target in TARGETS:
+        assert not box.disk(f"{target}/.asd-work").exists(), target
+    assert len(list(box.disk(ONE).parent.glob(".asd-one-backup_asd-crashrecovery-*"))) == 1

@@ -186,6 +186,50 @@ def test_clean_deletes_a_kept_tree_but_not_one_in_use_or_beside_a_journal(
     assert manifest(target) == on_disk
 
 
+def test_clean_of_lower_trees_goes_on_past_a_crashed_target_and_keeps_snapshots(
+    overlay_world: World,
+) -> None:
+    """What package removal runs: ``asd clean --lower-trees`` deletes every kept tree it may,
+    says which one it may not (a crashed session's journal beside it) and exits 1, and never
+    deletes a crash-recovery snapshot."""
+    world = overlay_world
+    crashed, stopped = world.target("srv/crashed"), world.target("srv/stopped")
+    for target in (crashed, stopped):
+        (target / "f").write_text(f"{target.name}\n")
+    world.write_conf(stopped)
+    world.asd("sync", check=True)
+    world.asd("unsync", check=True)
+    world.write_conf(crashed)
+    world.asd("sync", check=True)
+    world.power_cut()
+    world.boot()
+    world.write_conf(crashed, stopped)
+    left = set(os.listdir(crashed / ".asd-work"))
+
+    cleaned = world.asd("clean", "--lower-trees")
+    assert cleaned.returncode == 1, cleaned
+    assert "did not stop cleanly for " + str(crashed) in cleaned.stderr
+    assert f"deleted {stopped}/.asd-work" in cleaned.stdout
+    assert not os.path.lexists(stopped / ".asd-work")
+    assert set(os.listdir(crashed / ".asd-work")) == left
+    assert "snapshot" not in cleaned.stdout
+
+    world.asd("sync", check=True)  # recovery finishes the crashed session, with a snapshot
+    world.asd("unsync", check=True)
+    snapshots = [p.name for p in world.disk.glob("srv/.crashed*") if "crashrecovery" in p.name]
+    assert snapshots, list(world.disk.glob("srv/*"))
+    cleaned = world.asd("clean", "--lower-trees", check=True)
+    assert "snapshot" not in cleaned.stdout
+    assert not os.path.lexists(crashed / ".asd-work")
+    assert not os.path.lexists(stopped / ".asd-work")
+    assert [p.name for p in world.disk.glob("srv/.crashed*") if "crashrecovery" in p.name] == (
+        snapshots
+    )
+    assert (crashed / "f").read_text() == "crashed\n" and (stopped / "f").read_text() == (
+        "stopped\n"
+    )
+
+
 def test_clean_leaves_a_work_directory_asd_did_not_make(overlay_world: World) -> None:
     world = overlay_world
     target = world.target("srv/data")
