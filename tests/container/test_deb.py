@@ -308,6 +308,8 @@ def test_purge_stops_first_data_on_disk_nothing_mounted(deb_box: Container) -> N
     assert asd_mounts(box) == []
     assert box.run("test -e /etc/asd.conf", check=False).returncode == 1
     assert box.run("command -v asd", check=False).returncode != 0
+    # the prerm ran asd after py3clean: it must not have left bytecode behind
+    assert box.run("test -e /usr/lib/python3/dist-packages/asd", check=False).returncode == 1
     for path, text in (
         (f"{ONE}/before-purge.txt", "one: only in RAM when purge starts"),
         (f"{ONE}/resynced.txt", "one: in the last resync"),
