@@ -259,7 +259,7 @@ def clean(engine: Engine, out: Output, *, snapshots_too: bool = True) -> int:
             out.say("no crash-recovery snapshots to delete")
     state = engine.store.load()
     mounts = MountTable.read()
-    refused = 0
+    refused = deleted = 0
     for target in engine.config.whattosync:
         if (state is not None and str(target) in state.actions) or mounts.is_mountpoint(target):
             if engine.config.use_overlayfs:
@@ -269,6 +269,7 @@ def clean(engine: Engine, out: Output, *, snapshots_too: bool = True) -> int:
             continue
         try:
             if recovery.discard_kept(target):
+                deleted += 1
                 out.say(
                     f"deleted {target / WORK_NAME} (the lower tree overlay mode kept between "
                     "sessions; the next sync builds it again)"
@@ -276,6 +277,8 @@ def clean(engine: Engine, out: Output, *, snapshots_too: bool = True) -> int:
         except (StateError, SafetyError) as exc:
             out.error(str(exc))
             refused += 1
+    if not snapshots_too and not deleted and not refused:
+        out.say("no kept lower trees to delete")
     return 1 if refused else 0
 
 

@@ -225,6 +225,8 @@ def test_clean_of_lower_trees_goes_on_past_a_crashed_target_and_keeps_snapshots(
     assert [p.name for p in world.disk.glob("srv/.crashed*") if "crashrecovery" in p.name] == (
         snapshots
     )
+    again = world.asd("clean", "--lower-trees", check=True)
+    assert again.stdout == "no kept lower trees to delete\n"
     assert (crashed / "f").read_text() == "crashed\n" and (stopped / "f").read_text() == (
         "stopped\n"
     )
