@@ -12,15 +12,25 @@ Overlay mode's lower tree (`asd.lower`) sits in the disk copy and links every on
 again. Once the tree has been brought up to date, every name in the disk copy has exactly one
 twin there, so a file is linked only from inside when its count is twice its names in the
 target: find then prints only files with more than two links.
+
+That walk need not wait for the tree: `linked_outside_while` runs find while the tree is
+brought up to date, and trusts a clean result only when nothing could have hidden from it.
+Take a file with k names in the target and o links outside. If its k twins were all there when
+find looked, it had 2k + o > 2 links and find printed it. If not, the tree made a twin of it,
+and right after that link the file had at least k + 1 + o links (its names, the new twin):
+more than 2 if o > 0 or k > 1. So when find printed nothing and every link the tree made left
+its file with exactly two, no file is linked from outside; anything else (a link inside the
+target, a file renamed meanwhile) has the check run again on the finished tree, as above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from asd.errors import CommandError
-from asd.run import run
+from asd.run import Result, run
 
 VANISHED = "No such file or directory"  # a program removed it while find walked: not a link
 
@@ -55,7 +65,27 @@ def linked_outside(
     lower tree mirrors ``root`` on the same file system, else 1."""
     argv = find_argv(exclude_top, names_per_file)
     result = run(argv, cwd=str(root), ok_codes=(0, 1))
+    _raise_unless_vanished(argv, result)
+    return split_files(result.stdout, names_per_file)
+
+
+def _raise_unless_vanished(argv: list[str], result: Result) -> None:
+    """find fails for a file a program removed while it walked: that one is not a link."""
     errors = [line for line in result.stderr.splitlines() if not line.endswith(VANISHED)]
     if result.exit_code != 0 and errors:
         raise CommandError(argv, result.exit_code, result.stdout, result.stderr)
-    return split_files(result.stdout, names_per_file)
+
+
+def linked_outside_while(
+    root: Path, exclude_top: AbstractSet[str], mirror: Callable[[], int]
+) -> list[str]:
+    """`linked_outside` for a ``root`` whose lower tree ``mirror`` brings up to date while find
+    walks (see above); ``mirror`` returns how many of the links it made left their file with
+    other than two."""
+    argv = find_argv(exclude_top, 2)
+    shared: list[int] = []
+    result = run(argv, cwd=str(root), ok_codes=(0, 1), alongside=lambda: shared.append(mirror()))
+    _raise_unless_vanished(argv, result)
+    if not result.stdout and shared == [0]:
+        return []
+    return linked_outside(root, exclude_top, 2)

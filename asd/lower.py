@@ -47,6 +47,7 @@ from asd.state import write_json_atomic
 VERSION = 1
 RACY_NS = 2_000_000_000
 UNKNOWN = -1  # a ctime no directory has: never matches, so the directory is listed again
+DIR = -1  # an entry's key when it is a directory: no inode number is negative
 
 # rel -> (disk copy directory inode, its ctime_ns, lower directory inode, its ctime_ns)
 DirState = tuple[int, int, int, int]
@@ -59,6 +60,7 @@ class Refresh:
     listed: int  # of them, listed and brought up to date
     linked: int  # hard links made
     removed: int  # lower entries removed (gone from the disk copy, or replaced there)
+    shared: int  # of the links made, those to a file with more links than its name and the new
 
     def describe(self) -> str:
         if self.built:
@@ -87,7 +89,7 @@ def refresh(
     finally:
         os.close(fd)
     _save(record, walk.states)
-    return Refresh(built, len(walk.states), walk.listed, walk.linked, walk.removed)
+    return Refresh(built, len(walk.states), walk.listed, walk.linked, walk.removed, walk.shared)
 
 
 def discard(dst: Path, record: Path) -> None:
@@ -110,7 +112,7 @@ class _Walk:
             if rel:
                 self.children.setdefault(rel.rpartition("/")[0], []).append(rel)
         self.states: dict[str, DirState] = {}
-        self.listed = self.linked = self.removed = 0
+        self.listed = self.linked = self.removed = self.shared = 0
 
     def run(self) -> None:
         todo = [""]
@@ -149,27 +151,37 @@ class _Walk:
         try:
             before = os.fstat(sfd)
             with os.scandir(sfd) as it:
-                want = {de.name: de for de in it if rel or de.name not in self.exclude_top}
+                want = [de for de in it if rel or de.name not in self.exclude_top]
             subdirs: list[str] = []
             dfd = os.open(dst_dir, O_DIR)
             try:
+                # An entry is right when both are directories (their contents are checked on
+                # their own) or both name the same inode: one key per entry says which.
                 with os.scandir(dfd) as it:
-                    have = {de.name: de for de in it}
-                right = {n for n, de in have.items() if n in want and self._matches(want[n], de)}
+                    have = {
+                        de.name: DIR if de.is_dir(follow_symlinks=False) else de.inode()
+                        for de in it
+                    }
+                keys = [DIR if de.is_dir(follow_symlinks=False) else de.inode() for de in want]
+                right = {
+                    de.name for de, key in zip(want, keys, strict=True) if have.get(de.name) == key
+                }
                 for name in have.keys() - right:
                     remove_at(dfd, name)
                     self.removed += 1
-                for name, w in want.items():
-                    kept = name in right
-                    if w.is_dir(follow_symlinks=False):
+                for w, key in zip(want, keys, strict=True):
+                    name = w.name
+                    if key == DIR:
                         if not self._same_fs(w):
                             continue  # another file system mounted inside: not part of the copy
-                        if not kept:
+                        if name not in right:
                             os.mkdir(name, 0o700, dir_fd=dfd)
                         subdirs.append(f"{rel}/{name}" if rel else name)
-                    elif not kept:
+                    elif name not in right:
                         os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
                         self.linked += 1
+                        if os.stat(name, dir_fd=dfd, follow_symlinks=False).st_nlink != 2:
+                            self.shared += 1
                 set_dir_metadata_fd(dfd, dir_metadata_fd(sfd))
                 after = os.fstat(sfd)
                 mine = os.fstat(dfd)
@@ -208,14 +220,6 @@ class _Walk:
 
     def _same_fs(self, de: os.DirEntry[str]) -> bool:
         return de.stat(follow_symlinks=False).st_dev == self.dev
-
-    @staticmethod
-    def _matches(want: os.DirEntry[str], have: os.DirEntry[str]) -> bool:
-        """Whether the lower entry ``have`` is right for the disk copy's ``want``: both
-        directories (their contents are checked on their own), or the same inode."""
-        if want.is_dir(follow_symlinks=False) or have.is_dir(follow_symlinks=False):
-            return want.is_dir(follow_symlinks=False) and have.is_dir(follow_symlinks=False)
-        return want.inode() == have.inode()
 
 
 def _load(record: Path, src: Path, dst: Path) -> dict[str, DirState] | None:

@@ -9,6 +9,7 @@ exit code, stdout and stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -69,12 +70,15 @@ def run(
     cwd: str | None = None,
     pass_fds: Collection[int] = (),
     watch: Watch | None = None,
+    alongside: Callable[[], None] | None = None,
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 
     ``pass_fds``: descriptors the command inherits, under the same numbers (for
     ``/proc/self/fd/N`` paths); every other one is closed. ``watch``: entered with the
-    command's pid while it runs (progress on a terminal, `asd.progress`).
+    command's pid while it runs (progress on a terminal, `asd.progress`). ``alongside``:
+    called in this process while the command runs; should it raise, the command is killed
+    and waited for before the exception goes on.
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -97,11 +101,19 @@ def run(
     for fd in pass_fds:
         os.set_inheritable(fd, True)  # sh keeps them open, but exec would close a CLOEXEC one
     try:
-        if watch is None:
+        if watch is None and alongside is None:
             proc = program(*argv[1:], **options)
         else:
             proc = program(*argv[1:], _bg=True, _bg_exc=False, **options)
-            with watch(proc.pid):
+            with watch(proc.pid) if watch else contextlib.nullcontext():
+                if alongside is not None:
+                    try:
+                        alongside()
+                    except BaseException:
+                        with contextlib.suppress(ProcessLookupError, sh.ErrorReturnCode):
+                            proc.kill()
+                            proc.wait()
+                        raise
                 proc.wait()
     except sh.ErrorReturnCode as exc:
         if exc.exit_code < 0:

@@ -138,9 +138,9 @@ def refuse_leftover(step: Step) -> None:
         )
 
 
-def perform(step: Step, layout: TargetLayout) -> str | None:
-    """Do ``step`` (already recorded in the run state); "recover" is the engine's. Returns
-    what is worth telling the user about it, if anything."""
+def perform(step: Step, layout: TargetLayout) -> None:
+    """Do ``step`` (already recorded in the run state); "recover" and "lower" (`refresh_lower`,
+    run alongside the hard-link check) are the engine's."""
     path = Path(step.path)
     if step.kind == "mark":
         mark_session(path, {"instance": layout.instance.name, "pid": os.getpid()})
@@ -165,9 +165,6 @@ def perform(step: Step, layout: TargetLayout) -> str | None:
         path.mkdir(mode=0o700, parents=True)
     elif step.kind == "copy":
         copy_in(Path(step.source), path, layout.target)
-    elif step.kind == "lower":
-        done = lower.refresh(Path(step.source), path, layout.lower_record, {WORK_NAME})
-        return f"{layout.target}: {done.describe()}"
     elif step.kind == "overlay":
         layout.upper.mkdir(mode=0o700)
         layout.overlay_work.mkdir(mode=0o700)
@@ -178,7 +175,11 @@ def perform(step: Step, layout: TargetLayout) -> str | None:
         save_index(layout, ram_index(layout))
     elif step.kind == "bind-target":
         bind_pinned(Path(step.source), path)
-    return None
+
+
+def refresh_lower(step: Step, layout: TargetLayout) -> lower.Refresh:
+    """The "lower" step: overlay mode's lower tree made to mirror the disk copy."""
+    return lower.refresh(Path(step.source), Path(step.path), layout.lower_record, {WORK_NAME})
 
 
 def bind_pinned(source: Path, path: Path, *, ours: bool = False, private: bool = False) -> None:

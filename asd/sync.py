@@ -109,16 +109,33 @@ class Engine:
                 "sync fewer targets"
             )
 
-    def hardlinks(self, layout: TargetLayout, root: Path, names_per_file: int = 1) -> None:
-        """Refuse a target with files hard-linked to outside it (`asd.links`). Copy mode checks
-        before anything is mounted; overlay mode right after its lower tree mirrors the disk
-        copy (``root``, the backup bind), where each name has one twin in the tree."""
+    def hardlinks(self, layout: TargetLayout) -> None:
+        """Copy mode: refuse a target with files hard-linked to outside it (`asd.links`),
+        before anything is mounted."""
+        if self.config.enable_hardlink_safety_check:
+            self.refuse_split(layout, links.linked_outside(layout.target, frozenset({WORK_NAME})))
+
+    def lower(self, step: Step, layout: TargetLayout) -> str:
+        """Overlay mode: bring the lower tree up to date (`asd.lower`) while the hard-link
+        check's find walks the disk copy (`links.linked_outside_while`), and refuse a target
+        with files linked to outside it before the overlay is mounted."""
         if not self.config.enable_hardlink_safety_check:
-            return
-        split = links.linked_outside(root, frozenset({WORK_NAME}), names_per_file)
+            return f"{layout.target}: {steps.refresh_lower(step, layout).describe()}"
+        done: list[lower.Refresh] = []
+
+        def mirror() -> int:
+            done.append(steps.refresh_lower(step, layout))
+            return done[0].shared
+
+        split = links.linked_outside_while(Path(step.source), frozenset({WORK_NAME}), mirror)
         if split:
-            if names_per_file == 2:  # asd's own tree, not left behind by a refused sync
-                lower.discard(layout.lower, layout.lower_record)
+            lower.discard(layout.lower, layout.lower_record)  # asd's own, not the user's
+            self.refuse_split(layout, split)
+        return f"{layout.target}: {done[0].describe()}"
+
+    @staticmethod
+    def refuse_split(layout: TargetLayout, split: list[str]) -> None:
+        if split:
             shown = ", ".join(str(layout.target / r) for r in split[:5])
             more = f" and {len(split) - 5} more" if len(split) > 5 else ""
             raise SafetyError(
@@ -140,11 +157,10 @@ class Engine:
             return
         steps.refuse_leftover(step)
         self.store.record(state, step.target, step.to_json())
-        said = steps.perform(step, layout)
         if step.kind == "lower":
-            self.hardlinks(layout, Path(step.source), names_per_file=2)
-        if said:
-            self.say(said)
+            self.say(self.lower(step, layout))
+        else:
+            steps.perform(step, layout)
 
     def sync(self) -> list[str]:
         require(
@@ -189,7 +205,7 @@ class Engine:
             self.execute(plan[0], state)
         if not self.config.use_overlayfs:
             for layout in todo:
-                self.hardlinks(layout, layout.target)
+                self.hardlinks(layout)
             self.budget(todo)
         synced: list[str] = []
         try:

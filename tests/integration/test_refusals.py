@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
 
-from asd import links
+from asd import links, lower
+from asd.errors import SafetyError
+from asd.run import run
 from tests.integration.conftest import World, snapshot_of_v1_and_v2_in_ram
 from tests.integration.manifest import manifest
 
@@ -305,3 +309,60 @@ def test_the_link_check_with_the_real_find(tmp_path: Path) -> None:
     assert links.linked_outside(target, frozenset({".asd-work"}), names_per_file=2) == []
     os.unlink(tmp_path / "outside")
     assert links.linked_outside(target, frozenset({".asd-work"})) == ["alone"]
+
+
+def test_the_link_check_run_while_the_lower_tree_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`links.linked_outside_while`: find walks while the tree is brought up to date. Here the
+    tree waits until find is done (a handful of files), so what find could not see, a new
+    file's outside link, must come from the links the tree made."""
+    target, outside = tmp_path / "t", tmp_path / "outside"
+    work = target / ".asd-work"
+    (target / "d").mkdir(parents=True)
+    work.mkdir()
+    outside.mkdir()
+    (target / "old").write_text("there at the last stop")
+    (target / "d/x").write_text("x")
+
+    def mirror() -> int:
+        time.sleep(0.5)
+        return lower.refresh(target, work / "lower", work / "lower.json", {".asd-work"}).shared
+
+    exact: list[Path] = []
+    real = links.linked_outside
+
+    def counted(root: Path, exclude_top: AbstractSet[str], names_per_file: int) -> list[str]:
+        exact.append(root)
+        return real(root, exclude_top, names_per_file)
+
+    monkeypatch.setattr(links, "linked_outside", counted)
+    check = lambda: links.linked_outside_while(target, {".asd-work"}, mirror)  # noqa: E731
+    assert check() == [] and exact == []  # built from nothing: find's walk was enough
+    assert check() == [] and exact == []  # kept
+    (target / "d/new").write_text("made while asd was stopped")
+    os.link(target / "d/new", outside / "new")  # 1 link when find looked, 3 after the tree's
+    assert check() == ["d/new"] and exact == [target]
+    os.unlink(outside / "new")
+    os.link(target / "old", outside / "old")  # its twin was there: find sees 3 links
+    exact.clear()
+    assert check() == ["old"]
+    os.unlink(outside / "old")
+    (target / "d/pair").write_text("two names, both inside")
+    os.link(target / "d/pair", target / "pair")
+    exact.clear()
+    assert check() == [] and exact == [target]  # not refused: checked again on the tree
+    assert lower.is_mirror(target, work / "lower", frozenset({".asd-work"}))
+
+
+def test_a_failure_alongside_a_command_kills_it(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+
+    def fail() -> None:
+        while not pidfile.exists() or not pidfile.read_text().endswith("\n"):
+            time.sleep(0.01)
+        raise SafetyError("the work alongside failed")
+
+    with pytest.raises(SafetyError, match="alongside failed"):
+        run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"], alongside=fail)
+    assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()  # killed and reaped

@@ -113,6 +113,20 @@ def test_every_change_made_while_asd_was_stopped_reaches_the_tree(
     assert refresh(src).listed == 0 and seen == []
 
 
+def test_links_made_to_a_file_with_other_names_are_counted(tmp_path: Path, tick: None) -> None:
+    """`Refresh.shared`, which lets the hard-link check trust a find run meanwhile
+    (`asd.links`): links made to a file that then has more than its name and the new one."""
+    src = tmp_path / "t"
+    src.mkdir()
+    make_tree(src)
+    assert refresh(src).shared == 2  # b/h and c/h2: one file, two names in the target
+    (src / "plain").write_text("one name")
+    (src / "linked").write_text("one name and one outside")
+    os.link(src / "linked", tmp_path / "outside")
+    again = refresh(src)
+    assert (again.linked, again.shared) == (2, 1)
+
+
 def test_a_file_changed_in_place_needs_nothing(
     tmp_path: Path, tick: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
