@@ -6,7 +6,7 @@ RAM copy) as root.
 - `parent_at(root_fd, parts, where)`, `open_dir_at(root_fd, rel, where)`, `exists_at`,
   `remove_at`: reach and change entries below an opened directory.
 - `rel_parts(rel)`: the components of a relative path a record names, refusing ``..`` and the like.
-- `fsync_fd`, `fsync_path`, `syncfs`, `remove_tree`, `named`: errors name the
+- `fsync_fd`, `fsync_path`, `syncfs`, `remove_tree`, `remove_unmounted`, `named`: errors name the
   user's path.
 """
 
@@ -51,6 +51,22 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+def remove_unmounted(path: Path) -> None:
+    """Remove asd's own RAM directory ``path`` and what it holds, in this process; refused,
+    with nothing removed, while anything is mounted below it (as ``rm --one-file-system``
+    would). For the smaller trees of a stop: the large RAM copy goes to rm (`asd.coreutils`),
+    whose start costs more than Python's extra time per file only from some thousands on."""
+    from asd.mounts import MountTable  # mounts runs commands; only this function needs it
+
+    inside = MountTable.read().below(path)
+    if inside:
+        raise SafetyError(
+            f"{inside[0].mountpoint} is mounted inside {path}, so asd removed nothing there; "
+            "unmount it and run asd again"
+        )
+    remove_tree(path)
 
 
 def named(exc: OSError, path: Path) -> OSError:

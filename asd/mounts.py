@@ -201,10 +201,5 @@ def overlay(lower: Path, upper: Path, work: Path, target: Path) -> list[str]:
     return ["mount", "-t", "overlay", "-o", opts, "asd-overlay", str(target)]
 
 
-def umount(target: Path, *, lazy: bool = False) -> list[str]:
-    # Never -R and never -f: only the one mount asd made, and never a forced one (asd#86).
-    return ["umount", "-l", str(target)] if lazy else ["umount", str(target)]
-
-
 def mount(argv: list[str]) -> None:
     run(argv)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import carry, coreutils, delta, index, mapped, mountapi, upper
-from asd.dirfd import open_private_dir, remove_at
+from asd.dirfd import open_private_dir, remove_at, remove_unmounted
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
 from asd.disks import human_size
 from asd.errors import AsdError
@@ -272,7 +272,7 @@ def resume(layout: TargetLayout, state: RunState, store: StateStore, used: int =
     top = MountTable.read().top_at(layout.ram_copy)
     if not _is_layer(top, nxt.upper):
         if not mountapi.unmount(layout.ram_copy):
-            run(["umount", "-l", str(layout.ram_copy)])  # only asd's own path: root-only
+            mountapi.take_off(layout.ram_copy, lazy=True)  # only asd's own path: root-only
         with mountapi.descriptor(mountapi.clone(layout.target)) as fd:
             mountapi.attach(fd, layout.ram_copy)
     # The new sync point: the new layer as first seen, but names it copied from the old one
@@ -324,8 +324,7 @@ def _disk_dirs(layout: TargetLayout) -> Iterator[tuple[int, int]]:
 def _remove_generation(layout: TargetLayout) -> None:
     """Remove a generation's RAM layer, work directory, delta and indexes."""
     for path in (layout.upper, layout.overlay_work):
-        if os.path.lexists(path):
-            run(coreutils.remove_tree(path))
+        remove_unmounted(path)
     if layout.generation:
         with contextlib.suppress(FileNotFoundError), _disk_dirs(layout) as (_disk, work_fd):
             remove_at(work_fd, layout.delta.name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asd import coreutils, lower, mountapi, mounts, progress, tree
-from asd.dirfd import open_set_up_dir, remove_tree
+from asd.dirfd import open_set_up_dir, remove_tree, remove_unmounted
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError
 from asd.layout import WORK_NAME, TargetLayout
@@ -222,13 +222,13 @@ def undo(step: Step, *, lazy: bool = False) -> None:
     path = Path(step.path)
     if step.kind in ("bind-backup", "overlay", "bind-target"):
         if MountTable.read().is_mountpoint(path):
-            run(mounts.umount(path, lazy=lazy))
+            mountapi.take_off(path, lazy=lazy)
     elif step.kind == "beneath":
         # Only that overlay, once the one above it is gone: never a mount of the user's.
         if mounts.is_layer_of(MountTable.read().top_at(path), step.source):
-            run(mounts.umount(path, lazy=lazy))
+            mountapi.take_off(path, lazy=lazy)
     elif step.kind == "ram-dir":
-        run(coreutils.remove_tree(path))
+        remove_unmounted(path)  # by now empty, or the overlay's layer: the copy is its own step
     elif step.kind == "lower":
         pass  # kept for the next session (`asd.lower`); a clean stop leaves it in .asd-work
     elif step.kind == "mkdir":

@@ -165,7 +165,6 @@ class Engine:
     def sync(self) -> list[str]:
         require(
             "mount",
-            "umount",
             "rsync",
             *([] if self.config.use_overlayfs else ["cp"]),
             # Recovery after a crash snapshots the disk copy before anything is mounted.

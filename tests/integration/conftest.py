@@ -178,6 +178,12 @@ def copy_world() -> Iterator[World]:
         yield w
 
 
+@pytest.fixture
+def overlay_world() -> Iterator[World]:
+    with booted_world(overlay=True) as w:
+        yield w
+
+
 def snapshot_of_v1_and_v2_in_ram(world: World, name: str) -> Path:
     """A target whose file ``f`` read "v1" when a crash left its snapshot (taken by the
     recovery at the next sync) and reads "v2" in RAM now."""

@@ -78,6 +78,30 @@ def test_nothing_left_in_volatile_after_unsync(world: World) -> None:
     assert [n for n in inside_listdir(world, "/run/asd") if not n.endswith(".lock")] == []
 
 
+def test_a_mount_left_in_an_ram_directory_of_asd_is_not_emptied(overlay_world: World) -> None:
+    """Unsync removes the overlay's RAM directories in-process (`dirfd.remove_unmounted`):
+    one with something mounted inside is left whole and named, and the next unsync, once
+    that is gone, finishes."""
+    from asd.layout import Instance
+
+    world = overlay_world
+    target = world.target("t")
+    (target / "f").write_text("on disk\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    stray = Instance(world.conf, world.volatile).target(target).overlay_dir / "stray"
+    world.run(["sh", "-c", f"mkdir {stray} && mount -t tmpfs stray {stray}"], check=True)
+    world.run(["sh", "-c", f"echo mine > {stray}/kept"], check=True)
+    proc = world.asd("unsync")
+    assert proc.returncode == 1 and f"{stray} is mounted inside" in proc.stderr, proc.stderr
+    assert world.run(["cat", f"{stray}/kept"], check=True).stdout == "mine\n"
+    assert (target / "f").read_text() == "on disk\n"
+    world.run(["umount", str(stray)], check=True)
+    world.asd("unsync", check=True)
+    assert inside_listdir(world, world.volatile) == []
+    assert world.asd_mounts() == []
+
+
 def world_instance(world: World) -> str:
     from asd.layout import instance_name
 

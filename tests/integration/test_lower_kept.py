@@ -8,16 +8,12 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from asd import lower
 from asd.layout import KEPT
 from tests.integration.conftest import (
     CHANGES,
     World,
-    booted_world,
     populate,
     snapshot_of_v1_and_v2_in_ram,
 )
@@ -25,12 +21,6 @@ from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
 
 WORK = frozenset({".asd-work"})
-
-
-@pytest.fixture
-def overlay_world() -> Iterator[World]:
-    with booted_world(overlay=True) as w:
-        yield w
 
 
 def kept_sizes(said: str) -> tuple[int, int]:

@@ -17,12 +17,12 @@ import re
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CHANGES, World, booted_world, populate
+from tests.integration.conftest import CHANGES, World, populate
 from tests.integration.manifest import asd_left, differences, manifest
 
 SYSCALLS = (
@@ -219,12 +219,6 @@ def synced_changed_and_large(
     before, _after = synced_and_changed(world, target)
     world.run(["sh", "-c", 'head -c 2000000 /dev/urandom > "$1/large.bin"', "x", str(target)])
     return before, _ram_manifest(world, target)
-
-
-@pytest.fixture
-def overlay_world() -> Iterator[World]:
-    with booted_world(overlay=True) as w:
-        yield w
 
 
 def test_crash_during_resync_that_gives_ram_back(overlay_world: World) -> None:

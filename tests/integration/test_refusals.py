@@ -337,7 +337,10 @@ def test_the_link_check_run_while_the_lower_tree_is_made(
         return real(root, exclude_top, names_per_file)
 
     monkeypatch.setattr(links, "linked_outside", counted)
-    check = lambda: links.linked_outside_while(target, {".asd-work"}, mirror)  # noqa: E731
+
+    def check() -> list[str]:
+        return links.linked_outside_while(target, {".asd-work"}, mirror)
+
     assert check() == [] and exact == []  # built from nothing: find's walk was enough
     assert check() == [] and exact == []  # kept
     (target / "d/new").write_text("made while asd was stopped")

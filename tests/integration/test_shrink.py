@@ -13,12 +13,11 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import World, booted_world, populate
+from tests.integration.conftest import World, populate
 from tests.integration.manifest import asd_left, manifest
 from tests.integration.test_lifecycle import inside_manifest
 
@@ -35,12 +34,6 @@ echo "$2" > "new dir/deeper/file"
 if [ -d sub ]; then mv sub sub-renamed; fi
 chmod 0750 docs
 """
-
-
-@pytest.fixture
-def overlay_world() -> Iterator[World]:
-    with booted_world(overlay=True) as w:
-        yield w
 
 
 def upper_bytes(world: World) -> int:

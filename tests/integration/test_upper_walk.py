@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 
-import pytest
-
-from tests.integration.conftest import World, booted_world
+from tests.integration.conftest import World
 from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
 
@@ -60,12 +57,6 @@ def test_resync_writes_exactly_the_view(world: World) -> None:
     final = inside_manifest(world, target)
     world.asd("unsync", check=True)
     assert manifest(target) == final
-
-
-@pytest.fixture
-def overlay_world() -> Iterator[World]:
-    with booted_world(overlay=True) as w:
-        yield w
 
 
 def resync_lookups(world: World, files: int) -> int:
