@@ -60,7 +60,7 @@ class Refresh:
     listed: int  # of them, listed and brought up to date
     linked: int  # hard links made
     removed: int  # lower entries removed (gone from the disk copy, or replaced there)
-    shared: int  # of the links made, those to a file with more links than its name and the new
+    shared: int  # links made to a file that then had other than two (its name, this link)
 
     def describe(self) -> str:
         if self.built:
