@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,19 @@ NO_CHANGES = Changes((), (), ())
 
 def parent_of(rel: str) -> str:
     return rel.rpartition("/")[0]
+
+
+def drop_subtrees(idx: Index, gone: AbstractSet[str]) -> None:
+    """Drop the paths in ``gone`` and everything below them: one C-level prefix test per
+    entry, and nothing at all when ``gone`` is empty."""
+    if not gone:
+        return
+    if "" in gone:
+        idx.clear()
+        return
+    below = tuple(f"{g}/" for g in gone)
+    for key in [k for k in idx if k in gone or k.startswith(below)]:
+        del idx[key]
 
 
 def diff(old: Index, new: Index) -> Changes:

@@ -27,7 +27,7 @@ from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
 from asd.patch import IN_PLACE, Patch, stage_patches
 from asd.run import run
-from asd.tree import Changes, Index, diff, parent_of, with_links
+from asd.tree import Changes, Index, diff, drop_subtrees, parent_of, with_links
 from asd.tree import index as tree_index
 
 log = logging.getLogger(__name__)
@@ -90,22 +90,6 @@ def compare(layout: TargetLayout) -> tuple[Index, Index, Changes]:
 def pending(layout: TargetLayout) -> Changes:
     """What a resync would write now (read-only; used by --dry-run and parse)."""
     return compare(layout)[2]
-
-
-def _without(idx: Index, gone: set[str]) -> None:
-    """Drop the paths in ``gone`` and everything below them (one pass, whatever their number)."""
-    drop = []
-    for key in idx:
-        p = key
-        while True:
-            if p in gone:
-                drop.append(key)
-                break
-            if not p:
-                break
-            p = parent_of(p)
-    for key in drop:
-        del idx[key]
 
 
 def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list[str]:
@@ -216,7 +200,7 @@ def resync_target(layout: TargetLayout) -> WriteBack:
             if rel in old or os.path.lexists(layout.backup / rel):
                 deleted.append(rel)
         gone = set(vanished)
-        _without(new, gone)
+        drop_subtrees(new, gone)
         final = Changes(
             tuple(sorted(set(deleted))),
             tuple(r for r in changes.files if r not in gone),

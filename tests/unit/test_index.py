@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from asd import index
-from asd.tree import OPAQUE, WHITEOUT_ENTRY, Entry, diff
+from asd.tree import OPAQUE, WHITEOUT_ENTRY, Entry, diff, drop_subtrees
 from asd.tree import index as tree_index
 
 
@@ -79,6 +79,16 @@ def test_diff_of_overlay_entries() -> None:
     # A whiteout replaced by a file: written, nothing to delete (it is gone on disk already).
     ch = diff(old, {**old, "gone": entry(ino=9)})
     assert ch.deleted == () and ch.files == ("gone",)
+
+
+def test_dropping_subtrees_takes_the_names_and_all_below_them_only() -> None:
+    idx = {r: entry() for r in ("", "a", "a/x", "a/x/y", "ab", "ab/z", "b", "b/a", "c")}
+    drop_subtrees(idx, set())
+    assert len(idx) == 9
+    drop_subtrees(idx, {"a", "b/a"})
+    assert sorted(idx) == ["", "ab", "ab/z", "b", "c"]  # "ab" only shares a prefix with "a"
+    drop_subtrees(idx, {""})
+    assert idx == {}
 
 
 def test_lower_tree_links_every_file_and_copies_directories(tmp_path: Path) -> None:
