@@ -22,7 +22,7 @@ from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session
 from asd.run import run
-from asd.writeback import ram_index, save_index
+from asd.writeback import take_first_index
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def perform(step: Step, layout: TargetLayout) -> None:
         set_dir_metadata(layout.upper, dir_metadata(Path(step.source)))
         run(mounts.overlay(Path(step.source), layout.upper, layout.overlay_work, path))
     elif step.kind == "index":
-        save_index(layout, ram_index(layout))
+        take_first_index(layout)
     elif step.kind == "bind-target":
         bind_pinned(Path(step.source), path)
 

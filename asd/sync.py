@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from asd import devices, links, lower, shrink, steps, tree, upper
+from asd import devices, links, lower, shrink, steps, tracker, tree, upper
 from asd.config import Config
 from asd.disks import human_size
 from asd.errors import AsdError, SafetyError, StateError
@@ -56,7 +56,9 @@ class Engine:
             self.store.save(state)
         state.actions.pop(target, None)
         self.store.save(state)
-        self.layout(target).index_file.unlink(missing_ok=True)
+        layout = self.layout(target)
+        layout.index_file.unlink(missing_ok=True)
+        tracker.token_file(layout).unlink(missing_ok=True)
 
     # ----- sync -------------------------------------------------------------------------
     def complete(self, state: RunState, target: str) -> bool:
@@ -285,7 +287,9 @@ class Engine:
         for target in list(state.actions):
             self.finish_switch(state, target)
             layout = self.layout(target)
-            self.say(resync_target(layout).describe())
+            # The last write-back of a session walks all of the RAM copy: it does not rest on
+            # the change tracker, whatever the resyncs before it did.
+            self.say(resync_target(layout, full=True).describe())
             held[target] = holders([layout.target, layout.ram_copy])
         busy = {t: h for t, h in held.items() if h}
         if busy and not force:
@@ -311,7 +315,7 @@ class Engine:
             if lazy:
                 # Late writers still see the RAM copy through their open files: catch what
                 # they wrote, then name them.
-                self.say(resync_target(layout).describe())
+                self.say(resync_target(layout, full=True).describe())
                 for h in held[target]:
                     self.warn(f"{h.describe()}; writes it makes from now on are lost")
             self.undo_target(state, target, lazy=lazy)
@@ -320,7 +324,9 @@ class Engine:
         return done
 
     def finish(self) -> None:
-        """Nothing is synced any more: drop the run state and asd's empty RAM directory."""
+        """Nothing is synced any more: stop the change tracker, drop the run state and asd's
+        empty RAM directory."""
+        tracker.stop(self.instance)
         with contextlib.suppress(OSError):
             st = os.lstat(self.instance.ram_root)
             if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:

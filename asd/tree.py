@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +116,69 @@ def index(root: Path, exclude_top: frozenset[str] = frozenset()) -> Index:
             if isdir(mode) and st.st_dev == dev:
                 stack.append((sub, de.path))
     return out
+
+
+def rescan(
+    root: Path,
+    old: Index,
+    touched: Iterable[tuple[str, str]],
+    exclude_top: frozenset[str] = frozenset(),
+) -> Index | None:
+    """``old`` brought up to date by looking only at the ``touched`` entries (directory
+    relative to ``root``, and a name in it, "" for the directory itself: `asd.tracker`),
+    each directory that holds one, and all of any directory new under its name. None when a
+    touched file has or had other names: a change through one name moves the others' link
+    count or times without an event for them, and only a walk finds them.
+    Like `index`, it does not cross into other mounts."""
+    paths: set[str] = set()
+    for directory, name in touched:
+        paths.add(directory)
+        if name:
+            paths.add(f"{directory}/{name}" if directory else name)
+    dev = os.lstat(root).st_dev
+    seen: dict[str, Entry] = {}
+    other_fs: set[str] = set()
+    gone: set[str] = set()
+    for rel in paths:
+        if rel and rel.partition("/")[0] in exclude_top:
+            continue
+        try:
+            st = os.lstat(root / rel)
+        except GONE:
+            before = old.get(rel)
+            if before and not is_dir(before) and before[8] > 1:
+                return None
+            if before:
+                gone.add(rel)
+            continue
+        entry = entry_of(st)
+        before = old.get(rel)
+        if not is_dir(entry) and entry[8] > 1 or before and not is_dir(before) and before[8] > 1:
+            return None
+        if before is not None and is_dir(before) and not (is_dir(entry) and before[1] == entry[1]):
+            gone.add(rel)  # no longer that directory: nothing known below it holds
+        if st.st_dev != dev:
+            other_fs.add(rel)
+        seen[rel] = entry
+    new = dict(old)
+    for rel in [r for r in gone if not is_dir(old[r])]:
+        gone.discard(rel)  # a file: nothing below it to look for
+        del new[rel]
+    drop_subtrees(new, gone)
+    for rel in sorted(seen):  # a directory before what is in it
+        parent = parent_of(rel)
+        if rel and (parent not in new or parent in other_fs):
+            continue  # its directory went away, or is another mount
+        entry = seen[rel]
+        fresh = is_dir(entry) and not (rel in new and is_dir(new[rel]))
+        new[rel] = entry
+        if fresh and rel not in other_fs:
+            below = index(root / rel)
+            del below[""]
+            if any(not is_dir(e) and e[8] > 1 for e in below.values()):
+                return None
+            new.update((f"{rel}/{sub}", e) for sub, e in below.items())
+    return new
 
 
 def is_dir(entry: Entry) -> bool:

@@ -16,18 +16,21 @@ import logging
 import os
 import stat
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from asd import index, mapped, rsync, upper
+from asd import index, mapped, rsync, tracker, upper
 from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
+from asd.mapped import SMUDGED
 from asd.mounts import MountTable
 from asd.patch import IN_PLACE, Patch, stage_patches
 from asd.run import run
-from asd.tree import Changes, Index, diff, drop_subtrees, parent_of, with_links
+from asd.tree import Changes, Index, diff, drop_subtrees, parent_of, rescan, with_links
 from asd.tree import index as tree_index
 
 log = logging.getLogger(__name__)
@@ -60,19 +63,73 @@ def save_index(layout: TargetLayout, idx: Index) -> None:
 
 
 def ram_index(layout: TargetLayout) -> Index:
-    """The RAM side now, in this session's scope (`asd.index`)."""
+    """The RAM side now, in this session's scope (`asd.index`), found by a walk."""
     if upper.is_overlay(layout):
         return upper.upper_index(layout)
     return tree_index(layout.ram_copy, EXCLUDE)
 
 
-def compare(layout: TargetLayout) -> tuple[Index, Index, Changes]:
+def take_first_index(layout: TargetLayout) -> None:
+    """The sync point of a new session. In copy mode the change tracker is started first
+    and its period closed before the walk, so the first resync already knows what changed."""
+    answer = None
+    if not upper.is_overlay(layout) and tracker.start(layout.instance):
+        answer = tracker.cut(layout.instance, None)
+    save_index(layout, ram_index(layout))
+    tracker.save_token(layout, answer)
+
+
+class Comparison(NamedTuple):
+    old: Index  # the last sync point's
+    new: Index  # the RAM side's now, to save once written
+    changes: Changes
+    answer: tracker.Answer | None  # the tracker's cut ``new`` was taken after, if any
+
+
+def _copy_index(
+    layout: TargetLayout, old: Index, full: bool, mapped_now: AbstractSet[tuple[int, int]]
+) -> tuple[Index, tracker.Answer | None]:
+    """The RAM copy now: from the entries the change tracker saw touched since the last
+    sync point, or by a walk when it cannot say (or ``full``). Writes through a shared
+    mapping make no event, so the files mapped for writing now (``mapped_now``) and those
+    the last resync left smudged (`asd.mapped`) are looked at too; one unmapped since made
+    an event as the mapping went."""
+    answer = tracker.cut(layout.instance, None if full else tracker.load_token(layout))
+    touched = None if answer is None else answer.under(layout.ram_copy)
+    if touched is not None:
+        dev = os.lstat(layout.ram_copy).st_dev
+        inodes = {ino for d, ino in mapped_now if d == dev}
+        again = [r for r, e in old.items() if r and (e[7] == SMUDGED or inodes and e[1] in inodes)]
+        touched += [(parent_of(r), r.rpartition("/")[2]) for r in again]
+        new = rescan(layout.ram_copy, old, touched, EXCLUDE)
+        if new is not None:
+            log.debug(
+                "%s: looked at %d entries the change tracker named", layout.target, len(touched)
+            )
+            return new, answer
+    return tree_index(layout.ram_copy, EXCLUDE), answer
+
+
+def compare(
+    layout: TargetLayout,
+    *,
+    full: bool = False,
+    mapped_now: AbstractSet[tuple[int, int]] | None = None,
+) -> Comparison:
     """The last sync point's index, the RAM side's now (to save after writing), and what
     changed in between. An index of another scope than this session's (a JSON index of an
-    earlier version, in overlay mode) is compared with a full walk of the merged view, once."""
+    earlier version, in overlay mode) is compared with a full walk of the merged view, once.
+    ``full``: in copy mode, walk even if the change tracker could say what changed;
+    ``mapped_now``: the files mapped for writing (`mapped.shared_writable`), if looked at."""
     old, scope = index.load(layout.index_file)
-    new = ram_index(layout)
     overlay = upper.is_overlay(layout)
+    answer = None
+    if overlay:
+        new = upper.upper_index(layout)
+    else:
+        if mapped_now is None:
+            mapped_now = mapped.shared_writable()
+        new, answer = _copy_index(layout, old, full or scope is None, mapped_now)
     if scope is None or scope == scope_of(layout):
         changes = diff(old, new)
         if overlay and not changes.empty:
@@ -82,14 +139,14 @@ def compare(layout: TargetLayout) -> tuple[Index, Index, Changes]:
         elif not overlay:
             changes = with_links(changes, new)
     else:
-        full = tree_index(layout.ram_copy, EXCLUDE)
-        changes = with_links(diff(old, full), full)
-    return old, new, changes
+        full_index = tree_index(layout.ram_copy, EXCLUDE)
+        changes = with_links(diff(old, full_index), full_index)
+    return Comparison(old, new, changes, answer)
 
 
 def pending(layout: TargetLayout) -> Changes:
     """What a resync would write now (read-only; used by --dry-run and parse)."""
-    return compare(layout)[2]
+    return compare(layout).changes
 
 
 def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list[str]:
@@ -166,17 +223,20 @@ def smudge_mapped(layout: TargetLayout, new: Index, before: mapped.Look, wrote: 
     return mapped.smudge(new, rels)
 
 
-def resync_target(layout: TargetLayout) -> WriteBack:
+def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
+    """``full``: walk the whole RAM copy, whatever the change tracker says (`compare`)."""
     journal = Journal(layout.backup)
     done = journal.recover()
     if done:
         log.warning("%s: %s", layout.target, done)
     before = mapped.look()
-    old, new, changes = compare(layout)
+    old, new, changes, answer = compare(layout, full=full, mapped_now=before.files)
     compared = changes  # before patched files are taken out of it
     if changes.empty:
         if smudge_mapped(layout, new, before, changes):
             save_index(layout, new)
+        # The index there still holds at this cut (nothing changed): only the token moves on.
+        tracker.save_token(layout, answer)
         return WriteBack(layout.target, 0, 0, ())
     list_file = layout.index_file.with_suffix(".list")
     try:
@@ -216,5 +276,6 @@ def resync_target(layout: TargetLayout) -> WriteBack:
         list_file.unlink(missing_ok=True)
     smudge_mapped(layout, new, before, compared)
     save_index(layout, new)
+    tracker.save_token(layout, answer)
     written = len(final.files) + len(patches) + len(final.dirs)
     return WriteBack(layout.target, written, len(final.deleted), vanished)

@@ -139,8 +139,37 @@ class World:
 
         return sum(m.mountpoint == str(path) for m in parse_mountinfo(self.mounts()))
 
+    @staticmethod
+    def namespace_pids(ns: str) -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                        pids.append(int(entry))
+        return pids
+
+    def trackers(self) -> list[int]:
+        """The pids of asd change trackers running in this namespace."""
+        assert self.holder is not None
+        ns = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+        out = []
+        for pid in self.namespace_pids(ns):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "asd-tracker":
+                    out.append(pid)
+        return out
+
     def power_cut(self) -> None:
-        """Every process of the namespace dies at once: mounts and RAM are gone, disk stays."""
+        """Every process of the namespace dies at once: mounts and RAM are gone, disk stays.
+        That includes those started inside it in sessions of their own (asd's change
+        tracker), found by their mount namespace."""
+        if self.holder is not None:
+            with contextlib.suppress(OSError):
+                ns = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
+                for pid in self.namespace_pids(ns):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         for proc in [*self.children, self.holder]:
             if proc is None:
                 continue

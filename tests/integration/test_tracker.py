@@ -1,0 +1,126 @@
+"""Copy mode's change tracker, for real: resyncs that look only at what it names still leave
+the disk copy exactly what RAM holds, and when it cannot vouch (killed, or its queue
+overflowed) the resync walks instead."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import World
+from tests.integration.manifest import manifest
+from tests.integration.test_lifecycle import inside_manifest
+
+NAMED = "entries the change tracker named"
+
+ROUNDS = [
+    "mkdir -p new/dir && echo a > new/dir/a && echo b > base/b && ln -s b base/b.lnk",
+    "rm new/dir/a && mv base/b base/b2 && echo v2 >> base/edit && chmod 600 base/keep",
+    "mv new base/moved && rm base/keep && echo c > base/moved/dir/c && truncate -s 1 base/edit",
+    "setfattr -n user.k -v v base/b2 && chmod 700 base && touch -d @1 base/moved",
+    "rm -r base/moved && mkdir -p base/moved/again && echo x > base/moved/again/x",
+    "rm base/b2 && mkdir base/b2 && echo in > base/b2/in && rm -r deep && echo f > deep",
+]
+
+
+def target_with_tree(world: World) -> Path:
+    target = world.target("t")
+    (target / "base").mkdir()
+    (target / "base" / "keep").write_text("keep\n")
+    (target / "base" / "edit").write_text("v1\n")
+    (target / "deep" / "er").mkdir(parents=True)
+    (target / "deep" / "er" / "f").write_text("f\n")
+    world.write_conf(target)
+    return target
+
+
+def test_resyncs_write_what_the_tracker_names(copy_world: World) -> None:
+    world = copy_world
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    assert len(world.trackers()) == 1, "sync started no change tracker"
+    for i, script in enumerate(ROUNDS):
+        world.run(["sh", "-c", f"cd {target} && {script}"], check=True)
+        done = world.asd("--debug", "resync", check=True)
+        assert NAMED in done.stderr, f"round {i}: the resync did not use the tracker"
+        assert manifest(target) == inside_manifest(world, target), f"round {i}: disk differs"
+    idle = world.asd("--debug", "resync", check=True)
+    assert "nothing changed" in idle.stdout and "looked at 0 entries" in idle.stderr
+    in_ram = inside_manifest(world, target)
+    world.asd("unsync", check=True)
+    assert manifest(target) == in_ram
+    assert world.trackers() == [], "the tracker outlived unsync"
+
+
+def test_a_resync_walks_when_the_tracker_cannot_vouch(copy_world: World) -> None:
+    world = copy_world
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    (pid,) = world.trackers()
+    os.kill(pid, signal.SIGKILL)
+    world.run(["sh", "-c", f"cd {target} && {ROUNDS[0]}"], check=True)
+    walked = world.asd("--debug", "resync", check=True)
+    assert NAMED not in walked.stderr
+    assert manifest(target) == inside_manifest(world, target)
+    world.asd("unsync", check=True)
+
+    # A new session has a new tracker; stopped, its kernel queue overflows.
+    world.asd("sync", check=True)
+    (pid,) = world.trackers()
+    world.asd("resync", check=True)  # one resync through the tracker first: a token exists
+    os.kill(pid, signal.SIGSTOP)
+    many = f"for i in range(20000): open(f'{target}/base/n{{i}}', 'w').close()"
+    try:
+        world.run([sys.executable, "-c", many], check=True)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    walked = world.asd("--debug", "resync", check=True)
+    assert NAMED not in walked.stderr, "an overflowed period was trusted"
+    assert len(os.listdir(target / "base")) == 20004  # keep, edit, b, b.lnk and the new
+    assert manifest(target) == inside_manifest(world, target)
+    again = world.asd("--debug", "resync", check=True)
+    assert NAMED in again.stderr, "the tracker was not trusted again after the walk"
+    world.asd("unsync", check=True)
+
+
+def test_a_power_cut_takes_the_tracker_with_it(copy_world: World) -> None:
+    world = copy_world
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    assert world.trackers()
+    world.power_cut()
+    world.boot()
+    world.asd("sync", check=True)  # recovery, then a fresh tracker
+    assert len(world.trackers()) == 1
+    world.run(["sh", "-c", f"cd {target} && {ROUNDS[0]}"], check=True)
+    assert NAMED in world.asd("--debug", "resync", check=True).stderr
+    assert manifest(target) == inside_manifest(world, target)
+    world.asd("unsync", check=True)
+
+
+MAP_WRITE_UNMAP = r"""
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+os.close(fd)
+m[0:6] = b"mapped"
+m.close()
+"""
+
+
+def test_a_file_written_through_a_mapping_that_is_gone_by_the_resync(copy_world: World) -> None:
+    """No event for writes through a mapping; but the mapping's end is the file's last
+    close, which is one."""
+    world = copy_world
+    target = target_with_tree(world)
+    with open(target / "store", "wb") as fh:
+        fh.write(b"disk  " + b"\0" * 4090)
+    world.asd("sync", check=True)
+    world.asd("resync", check=True)
+    world.run([sys.executable, "-c", MAP_WRITE_UNMAP, str(target / "store")], check=True)
+    done = world.asd("--debug", "resync", check=True)
+    assert NAMED in done.stderr and "wrote 1 changed entries" in done.stdout, done.stdout
+    assert (target / "store").read_bytes()[:6] == b"mapped"
+    world.asd("unsync", check=True)
