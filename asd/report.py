@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from asd import snapshots, tree, upper
+from asd import snapshots, tracker, tree, upper
 from asd.config import Config
 from asd.disks import human_size
 from asd.errors import CommandError
@@ -116,6 +116,9 @@ def build(
         "volatile": vol,
         "targets": [t.__dict__ for t in targets],
         "systemd": systemd_status(),
+        "change_tracker": (
+            tracker.status(instance) if state is not None and not config.use_overlayfs else None
+        ),
     }
 
 
@@ -174,6 +177,8 @@ def render_text(doc: dict[str, Any]) -> str:
     lines.append(f"  VOLATILE: {vol['path']} ({vol.get('fstype', '?')}, {free})")
     if vol.get("judgement"):
         lines.append(f"            {vol['judgement']}")
+    if doc.get("change_tracker"):
+        lines.append(f"  change tracker: {doc['change_tracker']}")
     backups = f"yes, keep {doc['backup_limit']}" if doc["use_backups"] else "no"
     lines.append(f"  crash-recovery snapshots: {backups}")
     if not doc["targets"]:

@@ -58,11 +58,14 @@ _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 @dataclass(frozen=True)
 class Token:
-    """The cut an index was taken at, and which index file that was."""
+    """The cut an index was taken at, which index file that was, and the entries its resync
+    left out of it (they vanished while it copied them, or seemed to): the next resync looks
+    at them again, as no event may come for them."""
 
     tracker: str
     cut: int
     index: tuple[int, int, int]  # st_ino, st_size, st_mtime_ns
+    recheck: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,27 +153,48 @@ def load_token(layout: TargetLayout) -> Token | None:
     try:
         raw = json.loads(token_file(layout).read_bytes())
         ino, size, mtime = (int(n) for n in raw["index"])
-        token = Token(str(raw["tracker"]), int(raw["cut"]), (ino, size, mtime))
+        recheck = tuple(str(r) for r in raw.get("recheck", []))
+        token = Token(str(raw["tracker"]), int(raw["cut"]), (ino, size, mtime), recheck)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return token if token.index == _identity(layout.index_file) else None
 
 
-def save_token(layout: TargetLayout, answer: Answer | None) -> None:
-    """Record that the index file just saved was taken after ``answer``'s cut."""
+def save_token(layout: TargetLayout, answer: Answer | None, recheck: Iterable[str] = ()) -> None:
+    """Record that the index file just saved was taken after ``answer``'s cut, less the
+    entries in ``recheck``."""
     path = token_file(layout)
     identity = _identity(layout.index_file)
     if answer is None or identity is None:
         path.unlink(missing_ok=True)
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    data = {"tracker": answer.tracker, "cut": answer.cut, "index": list(identity)}
-    tmp.write_text(json.dumps(data))
+    data = {
+        "tracker": answer.tracker,
+        "cut": answer.cut,
+        "index": list(identity),
+        "recheck": sorted(recheck),
+    }
+    tmp.write_text(json.dumps(data, ensure_ascii=True))
     os.replace(tmp, path)
 
 
 def stop(instance: Instance) -> None:
     _request(instance, "stop")
+
+
+def status(instance: Instance) -> str:
+    """For `asd parse`: whether a tracker answers for VOLATILE (without closing a period)."""
+    words = (_request(instance, "ping") or b"").split()
+    if len(words) != 4 or words[0] != b"tracking":
+        return "not running: copy-mode resyncs walk the whole RAM copy"
+    try:
+        here = os.stat(instance.ram_root).st_dev
+    except OSError:
+        here = -1
+    if words[3] != str(here).encode():
+        return "watches another filesystem than VOLATILE's: resyncs walk; the next sync restarts it"
+    return f"running, {int(words[2])} cuts so far: resyncs look only at what changed"
 
 
 def start(instance: Instance) -> bool:
@@ -328,6 +352,9 @@ class Tracker:
             words = conn.makefile("rb").readline(256).split()
             if words == [b"stop"]:
                 return "stop"
+            if words == [b"ping"]:
+                conn.sendall(f"tracking {self.id} {self.number} {self.dev}\n".encode())
+                return ""
             if len(words) != 3 or words[0] != b"cut":
                 return ""
             self.drain(events)

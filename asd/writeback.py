@@ -94,9 +94,11 @@ def _copy_index(
     mapping make no event, so the files mapped for writing now (``mapped_now``) and those
     the last resync left smudged (`asd.mapped`) are looked at too; one unmapped since made
     an event as the mapping went."""
-    answer = tracker.cut(layout.instance, None if full else tracker.load_token(layout))
+    token = None if full else tracker.load_token(layout)
+    answer = tracker.cut(layout.instance, token)
     touched = None if answer is None else answer.under(layout.ram_copy)
-    if touched is not None:
+    if touched is not None and token is not None:
+        touched += [(parent_of(r), r.rpartition("/")[2]) for r in token.recheck]
         dev = os.lstat(layout.ram_copy).st_dev
         inodes = {ino for d, ino in mapped_now if d == dev}
         again = [r for r, e in old.items() if r and (e[7] == SMUDGED or inodes and e[1] in inodes)]
@@ -276,6 +278,6 @@ def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
         list_file.unlink(missing_ok=True)
     smudge_mapped(layout, new, before, compared)
     save_index(layout, new)
-    tracker.save_token(layout, answer)
+    tracker.save_token(layout, answer, recheck=vanished)
     written = len(final.files) + len(patches) + len(final.dirs)
     return WriteBack(layout.target, written, len(final.deleted), vanished)

@@ -166,6 +166,11 @@ def test_enable_now_serves_targets_from_ram(deb_box: Container) -> None:
     assert int(box.show("asd-resync.service", "ExecMainStartTimestampMonotonic")) > 0
     assert box.show("asd-resync.service", "Result") == "success"
     assert box.show("asd-resync.timer", "ActiveState") == "active"
+    # The change tracker outlived `asd sync`, in asd.service's own cgroup, and the resync
+    # that ran from another unit did not take it down.
+    assert "change tracker: running" in box.out("asd parse")
+    pid = box.out("pgrep -x asd-tracker").strip()
+    assert "/asd.service" in box.out(f"cat /proc/{pid}/cgroup")
 
 
 def test_resync_puts_ram_writes_on_disk(deb_box: Container) -> None:
@@ -207,6 +212,7 @@ def test_stop_leaves_latest_data_on_disk_and_nothing_mounted(deb_box: Container)
     assert box.show("asd.service", "ActiveState") == "inactive"
     assert box.show("asd-resync.timer", "ActiveState") == "inactive"
     assert asd_mounts(box) == []
+    assert box.run("pgrep -x asd-tracker", check=False).returncode == 1, "tracker left running"
     assert disk_text(box, f"{ONE}/at-stop.txt") == "one: written just before stop"
     assert box.out(f"cat {ONE}/at-stop.txt") == "one: written just before stop"
     # a manual resync while asd is stopped is skipped, and starts no timer

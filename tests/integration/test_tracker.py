@@ -41,6 +41,7 @@ def test_resyncs_write_what_the_tracker_names(copy_world: World) -> None:
     target = target_with_tree(world)
     world.asd("sync", check=True)
     assert len(world.trackers()) == 1, "sync started no change tracker"
+    assert "change tracker: running" in world.asd("parse", check=True).stdout
     for i, script in enumerate(ROUNDS):
         world.run(["sh", "-c", f"cd {target} && {script}"], check=True)
         done = world.asd("--debug", "resync", check=True)
@@ -60,6 +61,7 @@ def test_a_resync_walks_when_the_tracker_cannot_vouch(copy_world: World) -> None
     world.asd("sync", check=True)
     (pid,) = world.trackers()
     os.kill(pid, signal.SIGKILL)
+    assert "change tracker: not running" in world.asd("parse", check=True).stdout
     world.run(["sh", "-c", f"cd {target} && {ROUNDS[0]}"], check=True)
     walked = world.asd("--debug", "resync", check=True)
     assert NAMED not in walked.stderr

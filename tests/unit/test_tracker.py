@@ -10,7 +10,15 @@ from pathlib import Path
 from asd import fanotify
 from asd.fanotify import FAN_CREATE, FAN_MODIFY, FAN_Q_OVERFLOW, EntryEvent, parse_entries
 from asd.layout import Instance
-from asd.tracker import MAX_NAMES, Answer, Tracker, parse_answer
+from asd.tracker import (
+    MAX_NAMES,
+    Answer,
+    Tracker,
+    load_token,
+    parse_answer,
+    save_token,
+    token_file,
+)
 from asd.tree import index, rescan
 
 HANDLE_A = b"\x01" * 16
@@ -169,3 +177,20 @@ def test_a_rescan_gives_up_on_files_with_other_names(tmp_path: Path) -> None:
     (root / "new").mkdir()
     os.link(root / "top", root / "new/l")
     assert rescan(root, old, [("", "new")]) is None
+
+
+def test_a_token_holds_only_with_the_index_file_it_was_saved_with(tmp_path: Path) -> None:
+    layout = Instance(tmp_path / "asd.conf", tmp_path / "vol", run_dir=tmp_path).target(
+        Path("/srv/t")
+    )
+    layout.index_file.parent.mkdir(parents=True)
+    layout.index_file.write_bytes(b"index one")
+    odd = os.fsdecode(b"caf\xe9")
+    save_token(layout, Answer("00aa", 3, 1, []), recheck=["d/gone", odd])
+    token = load_token(layout)
+    assert token is not None and (token.tracker, token.cut) == ("00aa", 3)
+    assert token.recheck == (odd, "d/gone")
+    layout.index_file.write_bytes(b"index two, written by something else")
+    assert load_token(layout) is None
+    save_token(layout, None)  # no tracker answered: nothing to believe next time
+    assert not token_file(layout).exists()
