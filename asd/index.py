@@ -15,6 +15,14 @@ can never hold one), then ``FIELDS`` int64 per entry, little-endian.
 A file that does not start with ``MAGIC`` is read as the JSON index of earlier versions (an
 upgrade while targets are synced keeps its sync point); for that reason the file keeps its
 old name, `TargetLayout.index_file`.
+
+A resync that knows which entries it changed (`asd.tracker`) does not write all of the index
+again: `save_changes` keeps them in a second file beside it (`delta_file`: ``DELTA_MAGIC``,
+the index file's inode, size and mtime, then the changed entries in the same layout, a
+removed one as `REMOVED`), and `load` applies them. The delta holds every change since the
+index file was written; once it grows past an eighth of it, the whole index is written
+again. A delta that names another index file than the one there (a crash between writing
+a whole index and removing the delta) is ignored: the index file is newer.
 """
 
 from __future__ import annotations
@@ -24,12 +32,16 @@ import os
 import struct
 import sys
 from array import array
+from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
 
 from asd.tree import Entry, Index
 
 MAGIC = b"ASDIDX1\n"
+DELTA_MAGIC = b"ASDDLT1\n"
+REMOVED: Entry = (-2, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # in a delta: the entry is gone
+_DELTA_HEAD = struct.Struct("<8sQQQ")  # magic, the index file's st_ino, st_size, st_mtime_ns
 FIELDS = 10
 SCOPES = ("full", "upper")
 LEGACY = "json"  # a full index in the JSON of earlier versions
@@ -73,22 +85,97 @@ def decode(data: bytes) -> tuple[Index, str]:
     return dict(zip(paths, entries, strict=True)), scope
 
 
-def save(path: Path, idx: Index, scope: str = "full") -> None:
+def delta_file(path: Path) -> Path:
+    return path.with_name(f"{path.name}.delta")
+
+
+def _write(path: Path, *parts: bytes) -> None:
     """Write atomically (temp file, fsync, rename); /run is RAM, but a reader never sees half."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(encode(idx, scope))
+        for part in parts:
+            fh.write(part)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def load(path: Path) -> tuple[Index, str | None]:
-    """The saved index and its scope, or an empty one and None when there is none."""
+def save(path: Path, idx: Index, scope: str = "full") -> None:
+    _write(path, encode(idx, scope))
+    delta_file(path).unlink(missing_ok=True)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _delta(path: Path, base: os.stat_result) -> Index:
+    """The changes kept beside the index file ``path`` (whose stat is ``base``), if they
+    belong to it."""
+    try:
+        data = delta_file(path).read_bytes()
+    except FileNotFoundError:
+        return {}
+    if len(data) < _DELTA_HEAD.size:
+        raise ValueError("the index's delta file is truncated")
+    magic, *identity = _DELTA_HEAD.unpack_from(data)
+    if magic != DELTA_MAGIC:
+        raise ValueError("the index's delta file is not one asd wrote")
+    if tuple(identity) != _identity(base):
+        return {}
+    return decode(data[_DELTA_HEAD.size :])[0]
+
+
+def save_changes(path: Path, idx: Index, changed: Iterable[str], scope: str = "full") -> None:
+    """Save ``idx``, which differs from what `load` gives only at ``changed``, as a delta
+    beside the index file (or, once the delta is large, as a whole index)."""
     try:
         with open(path, "rb") as fh:
-            return decode(fh.read())
+            base = os.fstat(fh.fileno())
+            head = fh.read(len(MAGIC) + _HEAD.size)
+        if not head.startswith(MAGIC) or len(head) < len(MAGIC) + _HEAD.size:
+            raise FileNotFoundError  # an index of earlier versions: write it whole
+        count = _HEAD.unpack_from(head, len(MAGIC))[1]
+        delta = _delta(path, base)
+    except FileNotFoundError:
+        save(path, idx, scope)
+        return
+    for rel in changed:
+        delta[rel] = idx.get(rel, REMOVED)
+    if len(delta) > max(1000, count // 8):
+        save(path, idx, scope)
+        return
+    head = _DELTA_HEAD.pack(DELTA_MAGIC, *_identity(base))
+    _write(delta_file(path), head, encode(delta, scope))
+
+
+def load(path: Path) -> tuple[Index, str | None]:
+    """The saved index, with its delta applied, and its scope; an empty one and None when
+    there is none."""
+    try:
+        with open(path, "rb") as fh:
+            idx, scope = decode(fh.read())
+            delta = _delta(path, os.fstat(fh.fileno()))
     except FileNotFoundError:
         return {}, None
+    for rel, entry in delta.items():
+        if entry == REMOVED:
+            idx.pop(rel, None)
+        else:
+            idx[rel] = entry
+    return idx, scope
+
+
+def identity(path: Path) -> tuple[int, ...] | None:
+    """What tells this index, delta included, from any other saved at the same path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    try:
+        delta = _identity(os.stat(delta_file(path)))
+    except FileNotFoundError:
+        delta = (0, 0, 0)
+    return (*_identity(st), *delta)

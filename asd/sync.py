@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from asd import devices, links, lower, shrink, steps, tracker, tree, upper
+from asd import devices, index, links, lower, shrink, steps, tracker, tree, upper
 from asd.config import Config
 from asd.disks import human_size
 from asd.errors import AsdError, SafetyError, StateError
@@ -59,6 +59,7 @@ class Engine:
         layout = self.layout(target)
         layout.index_file.unlink(missing_ok=True)
         tracker.token_file(layout).unlink(missing_ok=True)
+        index.delta_file(layout.index_file).unlink(missing_ok=True)
 
     # ----- sync -------------------------------------------------------------------------
     def complete(self, state: RunState, target: str) -> bool:

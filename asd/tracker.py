@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd import fanotify
+from asd import fanotify, index
 from asd.errors import AsdError
 from asd.layout import Instance, TargetLayout
 
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 HISTORY = 256  # closed periods kept; a resync of each target closes one
 MAX_NAMES = 100_000  # names kept per period; past that the period is "full"
+MAX_KEPT = 4 * MAX_NAMES  # names kept in all of the history; the oldest periods go first
 TIMEOUT = 10.0  # seconds a client waits for an answer
 CHECK_EVERY = 30.0  # seconds between looks whether asd still runs
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -64,7 +65,7 @@ class Token:
 
     tracker: str
     cut: int
-    index: tuple[int, int, int]  # st_ino, st_size, st_mtime_ns
+    index: tuple[int, ...]  # `index.identity` of the index file and its delta
     recheck: tuple[str, ...] = ()
 
 
@@ -140,31 +141,23 @@ def cut(instance: Instance, since: Token | None) -> Answer | None:
     return None if data is None else parse_answer(data)
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def load_token(layout: TargetLayout) -> Token | None:
     """The token saved with the index file that is there now, or None."""
     try:
         raw = json.loads(token_file(layout).read_bytes())
-        ino, size, mtime = (int(n) for n in raw["index"])
         recheck = tuple(str(r) for r in raw.get("recheck", []))
-        token = Token(str(raw["tracker"]), int(raw["cut"]), (ino, size, mtime), recheck)
+        saved = tuple(int(n) for n in raw["index"])
+        token = Token(str(raw["tracker"]), int(raw["cut"]), saved, recheck)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return token if token.index == _identity(layout.index_file) else None
+    return token if token.index == index.identity(layout.index_file) else None
 
 
 def save_token(layout: TargetLayout, answer: Answer | None, recheck: Iterable[str] = ()) -> None:
     """Record that the index file just saved was taken after ``answer``'s cut, less the
     entries in ``recheck``."""
     path = token_file(layout)
-    identity = _identity(layout.index_file)
+    identity = index.identity(layout.index_file)
     if answer is None or identity is None:
         path.unlink(missing_ok=True)
         return
@@ -258,7 +251,9 @@ class Tracker:
         self.open: dict[bytes, set[bytes]] = {}
         self.open_names = 0
         self.open_full = False
-        self.periods: deque[tuple[int, dict[bytes, set[bytes]] | None]] = deque(maxlen=HISTORY)
+        # (number, names touched per directory handle or None if unknown, how many names)
+        self.periods: deque[tuple[int, dict[bytes, set[bytes]] | None, int]] = deque()
+        self.kept = 0  # names in ``periods``
         self.number = 0  # of the last closed period
         self.dev = -1  # of the filesystem watched
 
@@ -326,7 +321,11 @@ class Tracker:
 
     def close_period(self) -> None:
         self.number += 1
-        self.periods.append((self.number, None if self.open_full else self.open))
+        names = 0 if self.open_full else self.open_names
+        self.periods.append((self.number, None if self.open_full else self.open, names))
+        self.kept += names
+        while len(self.periods) > HISTORY or self.kept > MAX_KEPT:
+            self.kept -= self.periods.popleft()[2]
         self.open, self.open_names, self.open_full = {}, 0, False
 
     def since(self, tracker: str, cut: int) -> dict[bytes, set[bytes]] | None:
@@ -334,7 +333,7 @@ class Tracker:
         them are known."""
         if tracker != self.id or cut < 0 or cut > self.number:
             return None
-        wanted = [p for n, p in self.periods if n > cut and p is not None]
+        wanted = [p for n, p, _ in self.periods if n > cut and p is not None]
         if len(wanted) != self.number - cut:
             return None  # forgotten, or not all seen
         union: dict[bytes, set[bytes]] = {}

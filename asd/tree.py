@@ -123,10 +123,11 @@ def rescan(
     old: Index,
     touched: Iterable[tuple[str, str]],
     exclude_top: frozenset[str] = frozenset(),
-) -> Index | None:
+) -> tuple[Index, set[str]] | None:
     """``old`` brought up to date by looking only at the ``touched`` entries (directory
     relative to ``root``, and a name in it, "" for the directory itself: `asd.tracker`),
-    each directory that holds one, and all of any directory new under its name. None when a
+    each directory that holds one, and all of any directory new under its name; and the
+    paths whose entries it set or removed (all that can differ from ``old``). None when a
     touched file has or had other names: a change through one name moves the others' link
     count or times without an event for them, and only a walk finds them.
     Like `index`, it does not cross into other mounts."""
@@ -161,10 +162,12 @@ def rescan(
             other_fs.add(rel)
         seen[rel] = entry
     new = dict(old)
+    changed = set(seen)
     for rel in [r for r in gone if not is_dir(old[r])]:
         gone.discard(rel)  # a file: nothing below it to look for
         del new[rel]
-    drop_subtrees(new, gone)
+        changed.add(rel)
+    changed.update(drop_subtrees(new, gone))
     for rel in sorted(seen):  # a directory before what is in it
         parent = parent_of(rel)
         if rel and (parent not in new or parent in other_fs):
@@ -177,8 +180,10 @@ def rescan(
             del below[""]
             if any(not is_dir(e) and e[8] > 1 for e in below.values()):
                 return None
-            new.update((f"{rel}/{sub}", e) for sub, e in below.items())
-    return new
+            added = {f"{rel}/{sub}": e for sub, e in below.items()}
+            new.update(added)
+            changed.update(added)
+    return new, changed
 
 
 def is_dir(entry: Entry) -> bool:
@@ -213,17 +218,27 @@ def parent_of(rel: str) -> str:
     return rel.rpartition("/")[0]
 
 
-def drop_subtrees(idx: Index, gone: AbstractSet[str]) -> None:
-    """Drop the paths in ``gone`` and everything below them: one C-level prefix test per
-    entry, and nothing at all when ``gone`` is empty."""
+def drop_subtrees(idx: Index, gone: AbstractSet[str]) -> list[str]:
+    """Drop the paths in ``gone`` and everything below them, and say which went: one C-level
+    prefix test per entry, and nothing at all when ``gone`` is empty."""
     if not gone:
-        return
-    if "" in gone:
-        idx.clear()
-        return
-    below = tuple(f"{g}/" for g in gone)
-    for key in [k for k in idx if k in gone or k.startswith(below)]:
+        return []
+    below = tuple(f"{g}/" for g in gone if g)
+    dropped = [k for k in idx if "" in gone or k in gone or k.startswith(below)]
+    for key in dropped:
         del idx[key]
+    return dropped
+
+
+def diff_at(old: Index, new: Index, changed: AbstractSet[str]) -> Changes:
+    """`diff` of two indexes known to differ only at ``changed``: the same answer, at the
+    cost of what changed (the entries and their directories) instead of a pass over both."""
+    keys = set(changed)
+    keys.update([parent_of(k) for k in changed if k])
+    return diff(
+        {k: old[k] for k in keys if k in old},
+        {k: new[k] for k in keys if k in new},
+    )
 
 
 def diff(old: Index, new: Index) -> Changes:

@@ -26,11 +26,19 @@ from asd.dirmeta import dir_metadata
 from asd.errors import CommandError
 from asd.journal import Journal
 from asd.layout import WORK_NAME, TargetLayout
-from asd.mapped import SMUDGED
 from asd.mounts import MountTable
 from asd.patch import IN_PLACE, Patch, stage_patches
 from asd.run import run
-from asd.tree import Changes, Index, diff, drop_subtrees, parent_of, rescan, with_links
+from asd.tree import (
+    Changes,
+    Index,
+    diff,
+    diff_at,
+    drop_subtrees,
+    parent_of,
+    rescan,
+    with_links,
+)
 from asd.tree import index as tree_index
 
 log = logging.getLogger(__name__)
@@ -58,8 +66,13 @@ def scope_of(layout: TargetLayout) -> str:
     return "upper" if upper.is_overlay(layout) else "full"
 
 
-def save_index(layout: TargetLayout, idx: Index) -> None:
-    index.save(layout.index_file, idx, scope_of(layout))
+def save_index(layout: TargetLayout, idx: Index, changed: AbstractSet[str] | None = None) -> None:
+    """Save the RAM side's index; only as the entries at ``changed`` when that is known
+    (`index.save_changes`)."""
+    if changed is None:
+        index.save(layout.index_file, idx, scope_of(layout))
+    else:
+        index.save_changes(layout.index_file, idx, changed, scope_of(layout))
 
 
 def ram_index(layout: TargetLayout) -> Index:
@@ -84,32 +97,35 @@ class Comparison(NamedTuple):
     new: Index  # the RAM side's now, to save once written
     changes: Changes
     answer: tracker.Answer | None  # the tracker's cut ``new`` was taken after, if any
+    changed: set[str] | None  # where ``new`` can differ from ``old``, if not anywhere
 
 
 def _copy_index(
     layout: TargetLayout, old: Index, full: bool, mapped_now: AbstractSet[tuple[int, int]]
-) -> tuple[Index, tracker.Answer | None]:
+) -> tuple[Index, tracker.Answer | None, set[str] | None]:
     """The RAM copy now: from the entries the change tracker saw touched since the last
-    sync point, or by a walk when it cannot say (or ``full``). Writes through a shared
-    mapping make no event, so the files mapped for writing now (``mapped_now``) and those
-    the last resync left smudged (`asd.mapped`) are looked at too; one unmapped since made
-    an event as the mapping went."""
+    sync point, or by a walk when it cannot say (or ``full``); and where it can differ from
+    ``old`` (None after a walk). Writes through a shared mapping make no event, so the files
+    mapped for writing now (``mapped_now``) and those the last resync smudged or left out
+    (the token's `Token.recheck`) are looked at too; one unmapped since made an event as the
+    mapping went."""
     token = None if full else tracker.load_token(layout)
     answer = tracker.cut(layout.instance, token)
-    touched = None if answer is None else answer.under(layout.ram_copy)
+    touched = None if answer is None or token is None else answer.under(layout.ram_copy)
     if touched is not None and token is not None:
-        touched += [(parent_of(r), r.rpartition("/")[2]) for r in token.recheck]
         dev = os.lstat(layout.ram_copy).st_dev
         inodes = {ino for d, ino in mapped_now if d == dev}
-        again = [r for r, e in old.items() if r and (e[7] == SMUDGED or inodes and e[1] in inodes)]
+        again = [*token.recheck]
+        if inodes:
+            again += [r for r, e in old.items() if r and e[1] in inodes]
         touched += [(parent_of(r), r.rpartition("/")[2]) for r in again]
-        new = rescan(layout.ram_copy, old, touched, EXCLUDE)
-        if new is not None:
+        found = rescan(layout.ram_copy, old, touched, EXCLUDE)
+        if found is not None:
             log.debug(
                 "%s: looked at %d entries the change tracker named", layout.target, len(touched)
             )
-            return new, answer
-    return tree_index(layout.ram_copy, EXCLUDE), answer
+            return found[0], answer, found[1]
+    return tree_index(layout.ram_copy, EXCLUDE), answer, None
 
 
 def compare(
@@ -126,14 +142,15 @@ def compare(
     old, scope = index.load(layout.index_file)
     overlay = upper.is_overlay(layout)
     answer = None
+    changed = None
     if overlay:
         new = upper.upper_index(layout)
     else:
         if mapped_now is None:
             mapped_now = mapped.shared_writable()
-        new, answer = _copy_index(layout, old, full or scope is None, mapped_now)
+        new, answer, changed = _copy_index(layout, old, full or scope is None, mapped_now)
     if scope is None or scope == scope_of(layout):
-        changes = diff(old, new)
+        changes = diff(old, new) if changed is None else diff_at(old, new, changed)
         if overlay and not changes.empty:
             changes = upper.expand(layout, old, new, changes)
             if upper.has_links(layout, changes):
@@ -143,7 +160,7 @@ def compare(
     else:
         full_index = tree_index(layout.ram_copy, EXCLUDE)
         changes = with_links(diff(old, full_index), full_index)
-    return Comparison(old, new, changes, answer)
+    return Comparison(old, new, changes, answer, changed)
 
 
 def pending(layout: TargetLayout) -> Changes:
@@ -205,9 +222,11 @@ def copy_listed(
         log.debug("rsync: %s", exc.stderr.strip())  # counted as vanished by the caller
 
 
-def smudge_mapped(layout: TargetLayout, new: Index, before: mapped.Look, wrote: Changes) -> int:
+def smudge_mapped(
+    layout: TargetLayout, new: Index, before: mapped.Look, wrote: Changes
+) -> set[str]:
     """Smudge the entries of files mapped for writing at ``before`` or now, and of those this
-    resync wrote whose times are as recent as ``before`` (`asd.mapped`)."""
+    resync wrote whose times are as recent as ``before`` (`asd.mapped`); which they were."""
     files = before.files | mapped.shared_writable()
     rels = set(mapped.racy(new, wrote.files, before.started_ns))
     if files and upper.is_overlay(layout):  # a mapping shows the merged view's inode
@@ -222,7 +241,9 @@ def smudge_mapped(layout: TargetLayout, new: Index, before: mapped.Look, wrote: 
         inodes = {ino for d, ino in files if d == dev}
         if inodes:  # a walk of the index only for mappings on the RAM copy's file system
             rels |= {r for r, e in new.items() if e[1] in inodes and stat.S_ISREG(e[0])}
-    return mapped.smudge(new, rels)
+    smudged = {r for r in rels if r in new}
+    mapped.smudge(new, smudged)
+    return smudged
 
 
 def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
@@ -232,13 +253,14 @@ def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
     if done:
         log.warning("%s: %s", layout.target, done)
     before = mapped.look()
-    old, new, changes, answer = compare(layout, full=full, mapped_now=before.files)
+    old, new, changes, answer, changed = compare(layout, full=full, mapped_now=before.files)
     compared = changes  # before patched files are taken out of it
     if changes.empty:
-        if smudge_mapped(layout, new, before, changes):
-            save_index(layout, new)
+        smudged = smudge_mapped(layout, new, before, changes)
+        if smudged:
+            save_index(layout, new, None if changed is None else smudged)
         # The index there still holds at this cut (nothing changed): only the token moves on.
-        tracker.save_token(layout, answer)
+        tracker.save_token(layout, answer, recheck=smudged)
         return WriteBack(layout.target, 0, 0, ())
     list_file = layout.index_file.with_suffix(".list")
     try:
@@ -262,7 +284,7 @@ def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
             if rel in old or os.path.lexists(layout.backup / rel):
                 deleted.append(rel)
         gone = set(vanished)
-        drop_subtrees(new, gone)
+        dropped = drop_subtrees(new, gone)
         final = Changes(
             tuple(sorted(set(deleted))),
             tuple(r for r in changes.files if r not in gone),
@@ -276,8 +298,8 @@ def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
         raise
     finally:
         list_file.unlink(missing_ok=True)
-    smudge_mapped(layout, new, before, compared)
-    save_index(layout, new)
-    tracker.save_token(layout, answer, recheck=vanished)
+    smudged = smudge_mapped(layout, new, before, compared)
+    save_index(layout, new, None if changed is None else {*changed, *dropped, *smudged})
+    tracker.save_token(layout, answer, recheck={*vanished, *smudged})
     written = len(final.files) + len(patches) + len(final.dirs)
     return WriteBack(layout.target, written, len(final.deleted), vanished)

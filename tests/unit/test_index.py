@@ -81,6 +81,44 @@ def test_diff_of_overlay_entries() -> None:
     assert ch.deleted == () and ch.files == ("gone",)
 
 
+def test_changes_saved_beside_the_index_read_back_until_it_is_written_whole(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "i"
+    idx = {f"d/{n}": entry(ino=n) for n in range(2000)}
+    idx[""] = entry(stat.S_IFDIR)
+    index.save(path, idx)
+    whole = path.read_bytes()
+    idx["d/5"] = entry(ino=5, size=9)
+    del idx["d/6"]
+    idx["new"] = entry(ino=9999)
+    index.save_changes(path, idx, {"d/5", "d/6", "new"})
+    assert path.read_bytes() == whole, "the index file was written again"
+    assert index.load(path) == (idx, "full")
+    idx["d/7"] = entry(ino=7, size=1)  # a second resync: the delta holds both
+    index.save_changes(path, idx, {"d/7"})
+    assert index.load(path) == (idx, "full")
+    # Past an eighth of the index (at least 1000 entries), it is written whole.
+    index.save(path, idx)
+    for n in range(1001):
+        idx[f"d/{n}"] = entry(ino=n, size=3)
+    index.save_changes(path, idx, {f"d/{n}" for n in range(1001)})
+    assert not index.delta_file(path).exists() and index.load(path) == (idx, "full")
+
+
+def test_a_delta_left_from_an_older_index_file_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "i"
+    index.save(path, {"a": entry(), "b": entry()})
+    index.save_changes(path, {"a": entry(size=1)}, {"a", "b"})
+    stale = index.delta_file(path).read_bytes()
+    index.save(path, {"c": entry()})  # a whole index written; then the old delta comes back
+    index.delta_file(path).write_bytes(stale)
+    assert index.load(path) == ({"c": entry()}, "full")
+    index.delta_file(path).write_bytes(b"ASD")
+    with pytest.raises(ValueError, match="truncated"):
+        index.load(path)
+
+
 def test_dropping_subtrees_takes_the_names_and_all_below_them_only() -> None:
     idx = {r: entry() for r in ("", "a", "a/x", "a/x/y", "ab", "ab/z", "b", "b/a", "c")}
     drop_subtrees(idx, set())

@@ -11,6 +11,8 @@ from asd import fanotify
 from asd.fanotify import FAN_CREATE, FAN_MODIFY, FAN_Q_OVERFLOW, EntryEvent, parse_entries
 from asd.layout import Instance
 from asd.tracker import (
+    HISTORY,
+    MAX_KEPT,
     MAX_NAMES,
     Answer,
     Tracker,
@@ -19,7 +21,7 @@ from asd.tracker import (
     save_token,
     token_file,
 )
-from asd.tree import index, rescan
+from asd.tree import diff, diff_at, index, rescan
 
 HANDLE_A = b"\x01" * 16
 HANDLE_B = b"\x02" * 16
@@ -62,13 +64,19 @@ def test_an_overflow_or_too_many_names_makes_the_period_unknown() -> None:
     assert t.open == {}
 
 
-def test_a_forgotten_period_makes_older_cuts_unknown(monkeypatch: object) -> None:
+def test_a_forgotten_period_makes_older_cuts_unknown() -> None:
     t = tracker()
-    for _ in range(t.periods.maxlen or 0):
+    for _ in range(HISTORY):
         t.close_period()
     t.close_period()  # the first period falls out of the history
     assert t.since(t.id, 0) is None
     assert t.since(t.id, 1) == {}
+    # So do the oldest ones, past as many names as it keeps in all.
+    for round_ in range(MAX_KEPT // MAX_NAMES + 1):
+        t.record(EntryEvent(FAN_MODIFY, HANDLE_A, b"%d-%d" % (round_, i)) for i in range(MAX_NAMES))
+        t.close_period()
+    assert t.kept <= MAX_KEPT and len(t.periods) == MAX_KEPT // MAX_NAMES
+    assert t.since(t.id, t.number - 1) is not None and t.since(t.id, HISTORY + 1) is None
 
 
 def test_answers_are_read_back_and_mapped_below_a_root(tmp_path: Path) -> None:
@@ -158,7 +166,13 @@ def test_a_rescan_of_what_was_touched_equals_a_walk(tmp_path: Path) -> None:
     (root / ".asd-work/junk").write_text("not the target's")
     did(".asd-work", "junk")
     did("gone", "never")  # a directory that went away before the rescan
-    assert rescan(root, old, touched, skip) == index(root, skip)
+    found = rescan(root, old, touched, skip)
+    assert found is not None
+    new, changed = found
+    assert new == index(root, skip)
+    # What it says it changed is all that differs: the diff at those paths is the whole diff.
+    assert diff_at(old, new, changed) == diff(old, new)
+    assert {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)} <= changed
 
 
 def test_a_rescan_gives_up_on_files_with_other_names(tmp_path: Path) -> None:
