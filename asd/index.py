@@ -32,13 +32,15 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from itertools import chain
 from pathlib import Path
 
 from asd.tree import Entry, Index
 
-MAGIC = b"ASDIDX1\n"
+MAGIC = b"ASDIDX2\n"  # paths sorted (`Stored` looks them up by bisection)
+UNSORTED_MAGIC = b"ASDIDX1\n"  # the same layout, paths in walk order (earlier versions)
 DELTA_MAGIC = b"ASDDLT1\n"
 REMOVED: Entry = (-2, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # in a delta: the entry is gone
 _DELTA_HEAD = struct.Struct("<8sQQQ")  # magic, the index file's st_ino, st_size, st_mtime_ns
@@ -49,8 +51,9 @@ _HEAD = struct.Struct("<8sQQ")
 
 
 def encode(idx: Index, scope: str = "full") -> bytes:
-    paths = "\0".join(idx).encode("utf-8", "surrogateescape")
-    ints = array("q", chain.from_iterable(idx.values()))
+    keys = sorted(idx)
+    paths = "\0".join(keys).encode("utf-8", "surrogateescape")
+    ints = array("q", chain.from_iterable(map(idx.__getitem__, keys)))
     if len(ints) != FIELDS * len(idx):
         raise ValueError("every index entry must have exactly 10 fields")
     if sys.byteorder != "little":  # pragma: no cover - no big-endian machine here
@@ -63,9 +66,17 @@ def encode(idx: Index, scope: str = "full") -> bytes:
 
 def decode(data: bytes) -> tuple[Index, str]:
     """The index and its scope (`SCOPES`, or `LEGACY`)."""
-    if not data.startswith(MAGIC):
+    if not data.startswith((MAGIC, UNSORTED_MAGIC)):
         raw = json.loads(data)
         return {str(k): tuple(v) for k, v in raw.items()}, LEGACY
+    paths, ints, scope = _parts(data)
+    it = iter(ints)
+    entries: list[Entry] = list(zip(*([it] * FIELDS), strict=True))
+    return dict(zip(paths, entries, strict=True)), scope
+
+
+def _parts(data: bytes) -> tuple[list[str], array[int], str]:
+    """The paths, the integers and the scope of an encoded index."""
     raw_scope, count, plen = _HEAD.unpack_from(data, len(MAGIC))
     scope = raw_scope.rstrip(b"\0").decode("ascii", "replace")
     if scope not in SCOPES:
@@ -80,9 +91,98 @@ def decode(data: bytes) -> tuple[Index, str]:
         ints.byteswap()
     if len(paths) != count or len(ints) != FIELDS * count:
         raise ValueError("the index file is truncated or not one asd wrote")
-    it = iter(ints)
-    entries: list[Entry] = list(zip(*([it] * FIELDS), strict=True))
-    return dict(zip(paths, entries, strict=True)), scope
+    return paths, ints, scope
+
+
+class Stored(MutableMapping[str, Entry]):
+    """A saved index read without building an entry per path: the sorted paths, searched by
+    bisection, and the integers, an entry made only when asked for; what is set or removed
+    is kept apart. Reading 200k entries this way costs a third of `decode`. For a resync
+    that looks only at what changed (`asd.tracker`), which asks for few entries."""
+
+    def __init__(self, paths: list[str], ints: array[int]) -> None:
+        self._paths = paths
+        self._ints = ints
+        self._set: Index = {}
+        self._removed: set[str] = set()
+
+    def _base(self, key: str) -> Entry | None:
+        i = bisect_left(self._paths, key)
+        if i < len(self._paths) and self._paths[i] == key:
+            e = self._ints[FIELDS * i : FIELDS * i + FIELDS]
+            return (e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8], e[9])
+        return None
+
+    def __getitem__(self, key: str) -> Entry:
+        entry = self._set.get(key)
+        if entry is None and key not in self._removed:
+            entry = self._base(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        return key in self._set or key not in self._removed and self._base(key) is not None
+
+    def __setitem__(self, key: str, entry: Entry) -> None:
+        self._set[key] = entry
+        self._removed.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._set.pop(key, None)
+        self._removed.add(key)
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self._paths:
+            if key not in self._removed and key not in self._set:
+                yield key
+        yield from self._set
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def copy(self) -> Stored:
+        other = Stored(self._paths, self._ints)
+        other._set = dict(self._set)
+        other._removed = set(self._removed)
+        return other
+
+    def below(self, directory: str) -> list[str]:
+        """The paths below ``directory`` (not itself), by bisection: those starting with
+        "directory/" sort from there up to "directory0" ("0" follows "/")."""
+        lo = bisect_left(self._paths, f"{directory}/")
+        hi = bisect_left(self._paths, f"{directory}0")
+        out = [k for k in self._paths[lo:hi] if k not in self._removed and k not in self._set]
+        return out + [k for k in self._set if k.startswith(f"{directory}/")]
+
+
+def open_stored(path: Path) -> tuple[Stored, str] | None:
+    """The index at ``path`` (delta applied) as a `Stored`, and its scope; None if there is
+    none or it is of an earlier version (whose paths are not sorted)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+            delta = _delta(path, os.fstat(fh.fileno()))
+    except FileNotFoundError:
+        return None
+    if not data.startswith(MAGIC):
+        return None
+    paths, ints, scope = _parts(data)
+    stored = Stored(paths, ints)
+    _apply(stored, delta)
+    return stored, scope
+
+
+def _apply(idx: MutableMapping[str, Entry], delta: Index) -> None:
+    for rel, entry in delta.items():
+        if entry == REMOVED:
+            idx.pop(rel, None)
+        else:
+            idx[rel] = entry
 
 
 def delta_file(path: Path) -> Path:
@@ -128,7 +228,9 @@ def _delta(path: Path, base: os.stat_result) -> Index:
     return decode(data[_DELTA_HEAD.size :])[0]
 
 
-def save_changes(path: Path, idx: Index, changed: Iterable[str], scope: str = "full") -> None:
+def save_changes(
+    path: Path, idx: Mapping[str, Entry], changed: Iterable[str], scope: str = "full"
+) -> None:
     """Save ``idx``, which differs from what `load` gives only at ``changed``, as a delta
     beside the index file (or, once the delta is large, as a whole index)."""
     try:
@@ -140,12 +242,12 @@ def save_changes(path: Path, idx: Index, changed: Iterable[str], scope: str = "f
         count = _HEAD.unpack_from(head, len(MAGIC))[1]
         delta = _delta(path, base)
     except FileNotFoundError:
-        save(path, idx, scope)
+        save(path, dict(idx.items()), scope)
         return
     for rel in changed:
         delta[rel] = idx.get(rel, REMOVED)
     if len(delta) > max(1000, count // 8):
-        save(path, idx, scope)
+        save(path, dict(idx.items()), scope)
         return
     head = _DELTA_HEAD.pack(DELTA_MAGIC, *_identity(base))
     _write(delta_file(path), head, encode(delta, scope))
@@ -160,11 +262,7 @@ def load(path: Path) -> tuple[Index, str | None]:
             delta = _delta(path, os.fstat(fh.fileno()))
     except FileNotFoundError:
         return {}, None
-    for rel, entry in delta.items():
-        if entry == REMOVED:
-            idx.pop(rel, None)
-        else:
-            idx[rel] = entry
+    _apply(idx, delta)
     return idx, scope
 
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from asd.tree import Entry, Index
+from asd.tree import Entries, Entry
 
 SMUDGED = -1  # a ctime no file has: the entry never matches a walk
 # tmpfs stamps times from the coarse clock, which lags by up to a tick (10 ms at HZ=100). Not
@@ -71,7 +71,7 @@ def shared_writable(proc: Path = Path("/proc")) -> set[tuple[int, int]]:
     return found
 
 
-def racy(idx: Index, rels: Iterable[str], since_ns: int) -> list[str]:
+def racy(idx: Entries, rels: Iterable[str], since_ns: int) -> list[str]:
     """Of ``rels``, those whose entry's mtime or ctime is within `RACY_NS` of ``since_ns``
     or later."""
     edge = since_ns - RACY_NS
@@ -82,7 +82,7 @@ def smudge_entry(e: Entry) -> Entry:
     return (e[0], e[1], e[2], e[3], e[4], e[5], e[6], SMUDGED, e[8], e[9])
 
 
-def smudge(idx: Index, rels: Iterable[str]) -> int:
+def smudge(idx: Entries, rels: Iterable[str]) -> int:
     """Smudge the entries of ``rels`` in place; how many there were."""
     done = 0
     for rel in rels:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,9 @@ from pathlib import Path
 # S_IFDIR with a flag bit above the type bits.
 Entry = tuple[int, int, int, int, int, int, int, int, int, int]
 Index = dict[str, Entry]
+# What a resync that looks only at what changed reads and updates: a dict, or a saved index
+# searched where it lies (`index.Stored`).
+Entries = MutableMapping[str, Entry]
 
 TYPE_BITS = 0o170000
 OPAQUE = 1 << 20
@@ -120,14 +123,16 @@ def index(root: Path, exclude_top: frozenset[str] = frozenset()) -> Index:
 
 def rescan(
     root: Path,
-    old: Index,
+    old: Entries,
+    new: Entries,
     touched: Iterable[tuple[str, str]],
     exclude_top: frozenset[str] = frozenset(),
-) -> tuple[Index, set[str]] | None:
-    """``old`` brought up to date by looking only at the ``touched`` entries (directory
-    relative to ``root``, and a name in it, "" for the directory itself: `asd.tracker`),
-    each directory that holds one, and all of any directory new under its name; and the
-    paths whose entries it set or removed (all that can differ from ``old``). None when a
+) -> set[str] | None:
+    """Bring ``new``, a copy of ``old``, up to date by looking only at the ``touched``
+    entries (directory relative to ``root``, and a name in it, "" for the directory itself:
+    `asd.tracker`), each directory that holds one, and all of any directory new under its
+    name; return the paths whose entries it set or removed (all that can differ from
+    ``old``). None, and ``new`` half done, when a
     touched file has or had other names: a change through one name moves the others' link
     count or times without an event for them, and only a walk finds them.
     Like `index`, it does not cross into other mounts."""
@@ -161,7 +166,6 @@ def rescan(
         if st.st_dev != dev:
             other_fs.add(rel)
         seen[rel] = entry
-    new = dict(old)
     changed = set(seen)
     for rel in [r for r in gone if not is_dir(old[r])]:
         gone.discard(rel)  # a file: nothing below it to look for
@@ -183,7 +187,7 @@ def rescan(
             added = {f"{rel}/{sub}": e for sub, e in below.items()}
             new.update(added)
             changed.update(added)
-    return new, changed
+    return changed
 
 
 def is_dir(entry: Entry) -> bool:
@@ -218,19 +222,25 @@ def parent_of(rel: str) -> str:
     return rel.rpartition("/")[0]
 
 
-def drop_subtrees(idx: Index, gone: AbstractSet[str]) -> list[str]:
-    """Drop the paths in ``gone`` and everything below them, and say which went: one C-level
-    prefix test per entry, and nothing at all when ``gone`` is empty."""
+def drop_subtrees(idx: Entries, gone: AbstractSet[str]) -> list[str]:
+    """Drop the paths in ``gone`` and everything below them, and say which went: in a dict,
+    one C-level prefix test per entry; in an index that can list what is below a path
+    (`index.Stored.below`), by that. Nothing at all when ``gone`` is empty."""
     if not gone:
         return []
-    below = tuple(f"{g}/" for g in gone if g)
-    dropped = [k for k in idx if "" in gone or k in gone or k.startswith(below)]
-    for key in dropped:
+    below: Callable[[str], list[str]] | None = getattr(idx, "below", None)
+    if below is not None and "" not in gone:
+        dropped = [k for g in gone for k in ([g] if g in idx else [])]
+        dropped += [k for g in gone for k in below(g)]
+    else:
+        prefixes = tuple(f"{g}/" for g in gone if g)
+        dropped = [k for k in idx if "" in gone or k in gone or k.startswith(prefixes)]
+    for key in set(dropped):
         del idx[key]
     return dropped
 
 
-def diff_at(old: Index, new: Index, changed: AbstractSet[str]) -> Changes:
+def diff_at(old: Entries, new: Entries, changed: AbstractSet[str]) -> Changes:
     """`diff` of two indexes known to differ only at ``changed``: the same answer, at the
     cost of what changed (the entries and their directories) instead of a pass over both."""
     keys = set(changed)
@@ -281,7 +291,7 @@ def diff(old: Index, new: Index) -> Changes:
     return Changes(tuple(top), tuple(sorted(files)), tuple(sorted(dirs)))
 
 
-def with_links(changes: Changes, idx: Index) -> Changes:
+def with_links(changes: Changes, idx: Entries) -> Changes:
     """Add every other name of a changed hard-linked file (per ``idx``, a full index), so the
     copy keeps them one inode: a name moved with its directory is new, while the link that
     stayed put looks unchanged, and writing only the first would split the pair."""

@@ -31,6 +31,7 @@ from asd.patch import IN_PLACE, Patch, stage_patches
 from asd.run import run
 from asd.tree import (
     Changes,
+    Entries,
     Index,
     diff,
     diff_at,
@@ -66,11 +67,11 @@ def scope_of(layout: TargetLayout) -> str:
     return "upper" if upper.is_overlay(layout) else "full"
 
 
-def save_index(layout: TargetLayout, idx: Index, changed: AbstractSet[str] | None = None) -> None:
+def save_index(layout: TargetLayout, idx: Entries, changed: AbstractSet[str] | None = None) -> None:
     """Save the RAM side's index; only as the entries at ``changed`` when that is known
     (`index.save_changes`)."""
     if changed is None:
-        index.save(layout.index_file, idx, scope_of(layout))
+        index.save(layout.index_file, idx if isinstance(idx, dict) else dict(idx), scope_of(layout))
     else:
         index.save_changes(layout.index_file, idx, changed, scope_of(layout))
 
@@ -93,39 +94,48 @@ def take_first_index(layout: TargetLayout) -> None:
 
 
 class Comparison(NamedTuple):
-    old: Index  # the last sync point's
-    new: Index  # the RAM side's now, to save once written
+    old: Entries  # the last sync point's
+    new: Entries  # the RAM side's now, to save once written
     changes: Changes
     answer: tracker.Answer | None  # the tracker's cut ``new`` was taken after, if any
     changed: set[str] | None  # where ``new`` can differ from ``old``, if not anywhere
 
 
 def _copy_index(
-    layout: TargetLayout, old: Index, full: bool, mapped_now: AbstractSet[tuple[int, int]]
-) -> tuple[Index, tracker.Answer | None, set[str] | None]:
-    """The RAM copy now: from the entries the change tracker saw touched since the last
-    sync point, or by a walk when it cannot say (or ``full``); and where it can differ from
-    ``old`` (None after a walk). Writes through a shared mapping make no event, so the files
-    mapped for writing now (``mapped_now``) and those the last resync smudged or left out
-    (the token's `Token.recheck`) are looked at too; one unmapped since made an event as the
-    mapping went."""
+    layout: TargetLayout, full: bool, mapped_now: AbstractSet[tuple[int, int]]
+) -> Comparison:
+    """Copy mode's comparison. When the change tracker can say what changed since the last
+    sync point, only those entries are looked at, and the saved index is searched where it
+    lies instead of read whole (`index.Stored`); otherwise (or when ``full``) the RAM copy
+    is walked. Writes through a shared mapping make no event, so the files mapped for
+    writing now (``mapped_now``) and those the last resync smudged or left out (the token's
+    `Token.recheck`) are looked at too; one unmapped since made an event as the mapping
+    went."""
     token = None if full else tracker.load_token(layout)
     answer = tracker.cut(layout.instance, token)
     touched = None if answer is None or token is None else answer.under(layout.ram_copy)
-    if touched is not None and token is not None:
+    opened = None if touched is None else index.open_stored(layout.index_file)
+    if touched is not None and token is not None and opened is not None and opened[1] == "full":
+        old = opened[0]
         dev = os.lstat(layout.ram_copy).st_dev
         inodes = {ino for d, ino in mapped_now if d == dev}
         again = [*token.recheck]
         if inodes:
             again += [r for r, e in old.items() if r and e[1] in inodes]
         touched += [(parent_of(r), r.rpartition("/")[2]) for r in again]
-        found = rescan(layout.ram_copy, old, touched, EXCLUDE)
-        if found is not None:
+        new = old.copy()
+        changed = rescan(layout.ram_copy, old, new, touched, EXCLUDE)
+        if changed is not None:
             log.debug(
                 "%s: looked at %d entries the change tracker named", layout.target, len(touched)
             )
-            return found[0], answer, found[1]
-    return tree_index(layout.ram_copy, EXCLUDE), answer, None
+            changes = with_links(diff_at(old, new, changed), new)
+            return Comparison(old, new, changes, answer, changed)
+    walked_old, scope = index.load(layout.index_file)
+    walked = tree_index(layout.ram_copy, EXCLUDE)
+    return Comparison(
+        walked_old, walked, with_links(diff(walked_old, walked), walked), answer, None
+    )
 
 
 def compare(
@@ -139,28 +149,22 @@ def compare(
     earlier version, in overlay mode) is compared with a full walk of the merged view, once.
     ``full``: in copy mode, walk even if the change tracker could say what changed;
     ``mapped_now``: the files mapped for writing (`mapped.shared_writable`), if looked at."""
-    old, scope = index.load(layout.index_file)
-    overlay = upper.is_overlay(layout)
-    answer = None
-    changed = None
-    if overlay:
-        new = upper.upper_index(layout)
-    else:
+    if not upper.is_overlay(layout):
         if mapped_now is None:
             mapped_now = mapped.shared_writable()
-        new, answer, changed = _copy_index(layout, old, full or scope is None, mapped_now)
+        return _copy_index(layout, full, mapped_now)
+    old, scope = index.load(layout.index_file)
+    new = upper.upper_index(layout)
     if scope is None or scope == scope_of(layout):
-        changes = diff(old, new) if changed is None else diff_at(old, new, changed)
-        if overlay and not changes.empty:
+        changes = diff(old, new)
+        if not changes.empty:
             changes = upper.expand(layout, old, new, changes)
             if upper.has_links(layout, changes):
                 changes = with_links(changes, tree_index(layout.ram_copy, EXCLUDE))
-        elif not overlay:
-            changes = with_links(changes, new)
     else:
         full_index = tree_index(layout.ram_copy, EXCLUDE)
         changes = with_links(diff(old, full_index), full_index)
-    return Comparison(old, new, changes, answer, changed)
+    return Comparison(old, new, changes, None, None)
 
 
 def pending(layout: TargetLayout) -> Changes:
@@ -168,7 +172,7 @@ def pending(layout: TargetLayout) -> Changes:
     return compare(layout).changes
 
 
-def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list[str]:
+def patch_candidates(layout: TargetLayout, changes: Changes, new: Entries) -> list[str]:
     """Changed files that may be patched in place (`asd.patch`): regular files with no
     other name in RAM, neither new nor of another type (those are deletions too), on a disk
     copy whose file system overwrites in place."""
@@ -187,7 +191,7 @@ def patch_candidates(layout: TargetLayout, changes: Changes, new: Index) -> list
 
 
 def without_patched(
-    changes: Changes, patches: Mapping[str, Patch], old: Index, new: Index
+    changes: Changes, patches: Mapping[str, Patch], old: Entries, new: Entries
 ) -> Changes:
     """``changes`` less the patched files, and less the directories listed only because a
     file in them changed that is now patched (a patch leaves its directory as it is; a rename
@@ -223,7 +227,7 @@ def copy_listed(
 
 
 def smudge_mapped(
-    layout: TargetLayout, new: Index, before: mapped.Look, wrote: Changes
+    layout: TargetLayout, new: Entries, before: mapped.Look, wrote: Changes
 ) -> set[str]:
     """Smudge the entries of files mapped for writing at ``before`` or now, and of those this
     resync wrote whose times are as recent as ``before`` (`asd.mapped`); which they were."""

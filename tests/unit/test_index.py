@@ -177,3 +177,34 @@ def test_a_walk_skips_what_vanishes_under_it(
     assert found == {"", "a", "a/y"}
     # and a directory gone (or become a file) by the time it is read has no entries
     assert listed(str(tmp_path / "c")) == [] and listed(str(tmp_path / "a" / "y")) == []
+
+
+def test_a_stored_index_answers_as_the_dict_it_was_saved_from(tmp_path: Path) -> None:
+    names = ["", "a", "a/b", "a/b/c", "a b", "a0", "a/\udcff", "b", "b/a", "é", "z/y"]
+    idx = {n: entry(stat.S_IFDIR if n in ("", "a", "a/b", "b", "z") else stat.S_IFREG, i)
+           for i, n in enumerate(names)}  # fmt: skip
+    path = tmp_path / "i"
+    index.save(path, idx)
+    idx["new"] = entry(ino=99)  # a delta beside it, applied when it is opened
+    del idx["b/a"]
+    index.save_changes(path, idx, {"new", "b/a"})
+    opened = index.open_stored(path)
+    assert opened is not None and opened[1] == "full"
+    stored = opened[0]
+    assert dict(stored.items()) == idx and len(stored) == len(idx)
+    for key in [*idx, "missing", "a/", "b/a", "zz"]:
+        assert (key in stored) == (key in idx) and stored.get(key) == idx.get(key)
+    copy = stored.copy()
+    copy["a/b/c"] = entry(ino=7)
+    del copy["a b"]
+    assert stored["a/b/c"] == idx["a/b/c"] and "a b" in stored, "the copy changed the original"
+    with pytest.raises(KeyError):
+        del copy["a b"]
+    assert sorted(copy.below("a")) == ["a/b", "a/b/c", "a/\udcff"]  # not "a b" nor "a0"
+    as_dict = dict(copy.items())
+    assert sorted(drop_subtrees(copy, {"a", "z/y"})) == sorted(drop_subtrees(as_dict, {"a", "z/y"}))
+    assert dict(copy.items()) == as_dict
+    # An index of an earlier version (paths in walk order) is not searched, only read whole.
+    index.save(path, idx)
+    path.write_bytes(index.UNSORTED_MAGIC + path.read_bytes()[len(index.MAGIC) :])
+    assert index.open_stored(path) is None and index.load(path)[0] == idx

@@ -166,9 +166,9 @@ def test_a_rescan_of_what_was_touched_equals_a_walk(tmp_path: Path) -> None:
     (root / ".asd-work/junk").write_text("not the target's")
     did(".asd-work", "junk")
     did("gone", "never")  # a directory that went away before the rescan
-    found = rescan(root, old, touched, skip)
-    assert found is not None
-    new, changed = found
+    new = dict(old)
+    changed = rescan(root, old, new, touched, skip)
+    assert changed is not None
     assert new == index(root, skip)
     # What it says it changed is all that differs: the diff at those paths is the whole diff.
     assert diff_at(old, new, changed) == diff(old, new)
@@ -181,16 +181,16 @@ def test_a_rescan_gives_up_on_files_with_other_names(tmp_path: Path) -> None:
     _tree(root)
     old = index(root)
     os.link(root / "top", root / "c/second")
-    assert rescan(root, old, [("c", "second")]) is None  # the other name changed too
+    assert rescan(root, old, dict(old), [("c", "second")]) is None  # the other name changed
     os.unlink(root / "c/second")
     old = index(root)
     os.link(root / "top", root / "c/second")
     old_linked = index(root)
     os.unlink(root / "c/second")
-    assert rescan(root, old_linked, [("c", "second")]) is None  # "top" lost a link
+    assert rescan(root, old_linked, dict(old_linked), [("c", "second")]) is None  # "top" lost one
     (root / "new").mkdir()
     os.link(root / "top", root / "new/l")
-    assert rescan(root, old, [("", "new")]) is None
+    assert rescan(root, old, dict(old), [("", "new")]) is None
 
 
 def test_a_token_holds_only_with_the_index_file_it_was_saved_with(tmp_path: Path) -> None:
