@@ -28,6 +28,13 @@ boot() {
     mount -t tmpfs -o size=64m,mode=1777 demo-ram "$ASD_DEMO_WORK/volatile"
     asd() { echo "\$ asd $*"; "$ASD_DEMO_PY" -m asd -c "$ASD_DEMO_WORK/asd.conf" "$@"; }
     say() { printf "\n== %s\n" "$*"; }
+    # A power cut stops every process too: asd'"'"'s change tracker of this namespace.
+    power_cut() {
+      for p in $(pgrep -x asd-tracker || true); do
+        [ "$(readlink /proc/$p/ns/mnt)" = "$(readlink /proc/$$/ns/mnt)" ] && kill -9 "$p"
+      done
+      echo "POWER CUT: every mount and all of RAM are gone."
+    }
     t=$ASD_DEMO_WORK/disk/profile
     '"$1"
 }
@@ -47,7 +54,7 @@ asd resync
 echo "on disk: $(cat "$ASD_DEMO_WORK/disk/.profile-backup_asd/bookmarks")"
 say "More writes after the resync, then the power fails before the next one."
 echo "bookmarks v3 (never resynced)" > "$t/bookmarks"
-echo "POWER CUT: every mount and all of RAM are gone."
+power_cut
 '
 echo
 echo "== After the power cut, the plain directory on disk holds the last sync point:"
