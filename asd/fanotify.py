@@ -27,7 +27,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,17 +98,21 @@ class Measurement:
     overflowed: bool = False  # the kernel dropped events: the counts are lower bounds
 
 
-def parse_events(buffer: bytes) -> list[Event]:
-    """Split what read(2) returned on a fanotify descriptor into events."""
-    events = []
+def _records(buffer: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """Each event's offset, length, metadata length, mask, fd and pid in what read(2)
+    returned on a fanotify descriptor."""
     offset = 0
     while offset + _METADATA.size <= len(buffer):
-        length, version, _, _, mask, fd, pid = _METADATA.unpack_from(buffer, offset)
+        length, version, _, meta_len, mask, fd, pid = _METADATA.unpack_from(buffer, offset)
         if version != METADATA_VERSION or length < _METADATA.size:
             raise AsdError(f"fanotify sent event format {version}, asd reads {METADATA_VERSION}.")
-        events.append(Event(mask, fd, pid))
+        yield offset, length, meta_len, mask, fd, pid
         offset += length
-    return events
+
+
+def parse_events(buffer: bytes) -> list[Event]:
+    """Split what read(2) returned on a fanotify descriptor into events."""
+    return [Event(mask, fd, pid) for _, _, _, mask, fd, pid in _records(buffer)]
 
 
 @dataclass(frozen=True)
@@ -126,11 +130,7 @@ def parse_entries(buffer: bytes) -> list[EntryEvent]:
     """Split what read(2) returned on a `watch_entries` descriptor; an overflow is an event
     with ``FAN_Q_OVERFLOW`` in its mask and no handle."""
     events = []
-    offset = 0
-    while offset + _METADATA.size <= len(buffer):
-        length, version, _, meta_len, mask, _, _ = _METADATA.unpack_from(buffer, offset)
-        if version != METADATA_VERSION or length < _METADATA.size:
-            raise AsdError(f"fanotify sent event format {version}, asd reads {METADATA_VERSION}.")
+    for offset, length, meta_len, mask, _, _ in _records(buffer):
         handle, name = b"", b""
         info = offset + meta_len
         while info + _INFO.size <= offset + length:
@@ -148,7 +148,6 @@ def parse_entries(buffer: bytes) -> list[EntryEvent]:
                         name = b""
             info += info_len
         events.append(EntryEvent(mask, handle, name))
-        offset += length
     return events
 
 
