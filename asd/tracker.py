@@ -273,7 +273,7 @@ class Tracker:
         listener.listen(8)
         bound = os.stat(path).st_ino
         os.write(ready, b"ready")
-        os.close(ready)
+        os.dup2(1, ready)  # the pipe ends (the parent reads on); its number stays /dev/null
         while True:
             readable, _, _ = select.select([events, listener.fileno()], [], [], CHECK_EVERY)
             if events in readable:
