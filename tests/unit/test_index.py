@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -204,7 +205,42 @@ def test_a_stored_index_answers_as_the_dict_it_was_saved_from(tmp_path: Path) ->
     as_dict = dict(copy.items())
     assert sorted(drop_subtrees(copy, {"a", "z/y"})) == sorted(drop_subtrees(as_dict, {"a", "z/y"}))
     assert dict(copy.items()) == as_dict
-    # An index of an earlier version (paths in walk order) is not searched, only read whole.
+    # An index of an earlier layout (paths sorted as strings, or in walk order, and no
+    # offsets) is not searched where it lies, only read whole.
+    for magic, keys in ((index.SORTED_MAGIC, sorted(idx)), (index.UNSORTED_MAGIC, [*idx])):
+        path.write_bytes(earlier_layout(magic, keys, idx))
+        assert index.open_stored(path) is None and index.load(path) == (idx, "full")
+
+
+def earlier_layout(magic: bytes, keys: list[str], idx: dict[str, Entry]) -> bytes:
+    """An index file as versions before the offsets wrote it: the paths, then the integers."""
+    blob = "\0".join(keys).encode("utf-8", "surrogateescape")
+    ints = b"".join(struct.pack("<10q", *idx[k]) for k in keys)
+    return magic + struct.pack("<8sQQ", b"full", len(keys), len(blob)) + blob + ints
+
+
+def test_a_stored_index_finds_names_whose_bytes_sort_unlike_their_characters(
+    tmp_path: Path,
+) -> None:
+    """A name that is not UTF-8 (a surrogate escape) sorts after "é" as a string but before
+    it as bytes; the file is sorted by bytes and searched by bytes."""
+    names = ["", "é", os.fsdecode(b"\x80"), os.fsdecode(b"d/\xff"), "d", "d/é", "d/a", "ü/x"]
+    idx = {n: entry(ino=i) for i, n in enumerate(names)}
+    path = tmp_path / "i"
     index.save(path, idx)
-    path.write_bytes(index.UNSORTED_MAGIC + path.read_bytes()[len(index.MAGIC) :])
-    assert index.open_stored(path) is None and index.load(path)[0] == idx
+    opened = index.open_stored(path)
+    assert opened is not None
+    stored = opened[0]
+    assert {k: stored[k] for k in idx} == idx and dict(stored.items()) == idx
+    assert sorted(stored.below("d")) == sorted(["d/a", "d/é", os.fsdecode(b"d/\xff")])
+    assert "e" not in stored and os.fsdecode(b"\x81") not in stored
+
+
+def test_a_truncated_index_is_refused_where_it_lies(tmp_path: Path) -> None:
+    path = tmp_path / "i"
+    index.save(path, {"": entry(stat.S_IFDIR), "a": entry()})
+    data = path.read_bytes()
+    for cut in (8, 20, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated"):
+            index.open_stored(path)
