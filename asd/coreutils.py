@@ -18,6 +18,7 @@ Flags, and why:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 FLAGS = (
@@ -35,9 +36,15 @@ def copy_tree(src: Path, dst: Path) -> list[str]:
     return ["cp", *FLAGS, "--", str(src), str(dst)]
 
 
-def remove_tree(path: Path) -> list[str]:
-    """Remove ``path`` and everything under it, never crossing into another file system (a
-    mount left below it is refused, not emptied); absent is fine. For asd's own trees, the
-    RAM copy and the overlay's lower tree: hundreds of thousands of files, where Python's
-    `shutil.rmtree` adds its own time per file to the kernel's."""
-    return ["rm", "--recursive", "--force", "--one-file-system", "--", str(path)]
+def remove_tree(*paths: Path | str) -> list[str]:
+    """Remove each of ``paths`` and everything under it, never crossing into another file
+    system (a mount left below it is refused, not emptied); absent is fine. For asd's own
+    trees, the RAM copy and the overlay's lower tree: hundreds of thousands of files, where
+    Python's `shutil.rmtree` adds its own time per file to the kernel's."""
+    return ["rm", "--recursive", "--force", "--one-file-system", "--", *map(str, paths)]
+
+
+def shares(paths: Sequence[str], n: int) -> list[list[str]]:
+    """``paths`` dealt out to ``n`` removers, in turn, so that neighbours (alike in size, as
+    the subdirectories of one directory tend to be) go to different ones; none empty."""
+    return [share for share in (list(paths[i::n]) for i in range(n)) if share]

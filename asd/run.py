@@ -70,7 +70,7 @@ def run(
     cwd: str | None = None,
     pass_fds: Collection[int] = (),
     watch: Watch | None = None,
-    alongside: Callable[[], None] | None = None,
+    alongside: Callable[[], object] | None = None,
 ) -> Result:
     """Run ``argv`` to completion; raise `CommandError` unless its exit code is in ``ok_codes``.
 

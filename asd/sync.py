@@ -285,13 +285,17 @@ class Engine:
         state = self.running_state()
         self.reconcile(state)
         held: dict[str, list[Holder]] = {}
+        last: dict[str, WriteBack] = {}
         for target in list(state.actions):
             self.finish_switch(state, target)
             layout = self.layout(target)
-            # The last write-back of a session walks all of the RAM copy: it does not rest on
-            # the change tracker, whatever the resyncs before it did.
-            self.say(resync_target(layout, full=True).describe())
             held[target] = holders([layout.target, layout.ram_copy])
+            # While a program holds a file open or mapped in the target, its writes may not
+            # have made an event yet (one through a mapping makes it only when the file is
+            # closed): the last write-back then walks all of the RAM copy. With nothing held,
+            # every write ended in an event the change tracker has read (`asd.tracker`).
+            last[target] = resync_target(layout, full=bool(held[target]))
+            self.say(last[target].describe())
         busy = {t: h for t, h in held.items() if h}
         if busy and not force:
             lines = [h.describe() for hs in busy.values() for h in hs]
@@ -319,6 +323,13 @@ class Engine:
                 self.say(resync_target(layout, full=True).describe())
                 for h in held[target]:
                     self.warn(f"{h.describe()}; writes it makes from now on are lost")
+            elif not last[target].walked:
+                # What a program wrote between that write-back and the unmount: the tracker
+                # names it (or, in overlay mode, the upper layer holds it), so looking costs
+                # what it wrote. A walk for it would double a stop without a tracker.
+                late = resync_target(layout)
+                if late.changes or late.deleted:
+                    self.say(late.describe())
             self.undo_target(state, target, lazy=lazy)
             done.append(target)
         self.finish()

@@ -121,6 +121,36 @@ def index(root: Path, exclude_top: frozenset[str] = frozenset()) -> Index:
     return out
 
 
+def frontier(root: Path, want: int, depth: int = 3, most: int = 4096) -> list[str] | None:
+    """Paths that between them hold all of ``root``'s tree but ``root`` itself, for several
+    processes to remove a share each: the directories of the first level (down to ``depth``)
+    that has at least ``want`` of them, and the non-directories above it. None when a
+    directory there is on another file system than ``root`` (a mount inside it), or when
+    there would be more than ``most`` paths (a command line for each share)."""
+    try:
+        dev = os.lstat(root).st_dev
+    except GONE:
+        return None
+    level = [os.fspath(root)]
+    out: list[str] = []
+    for _ in range(depth):
+        below: list[str] = []
+        for path in level:
+            for de in _entries(path):
+                if not de.is_dir(follow_symlinks=False):
+                    out.append(de.path)
+                elif de.stat(follow_symlinks=False).st_dev != dev:
+                    return None
+                else:
+                    below.append(de.path)
+            if len(out) + len(below) > most:
+                return None
+        level = below
+        if len(level) >= want:
+            break
+    return out + level
+
+
 def rescan(
     root: Path,
     old: Entries,

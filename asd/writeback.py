@@ -53,6 +53,7 @@ class WriteBack:
     changes: int
     deleted: int
     vanished: tuple[str, ...]
+    walked: bool = False  # copy mode: the whole RAM copy was walked (no tracker's answer)
 
     def describe(self) -> str:
         if not self.changes and not self.deleted:
@@ -251,7 +252,8 @@ def smudge_mapped(
 
 
 def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
-    """``full``: walk the whole RAM copy, whatever the change tracker says (`compare`)."""
+    """``full``: in copy mode, walk the whole RAM copy whatever the change tracker says
+    (`compare`)."""
     journal = Journal(layout.backup)
     done = journal.recover()
     if done:
@@ -259,13 +261,14 @@ def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
     before = mapped.look()
     old, new, changes, answer, changed = compare(layout, full=full, mapped_now=before.files)
     compared = changes  # before patched files are taken out of it
+    walked = changed is None and not upper.is_overlay(layout)
     if changes.empty:
         smudged = smudge_mapped(layout, new, before, changes)
         if smudged:
             save_index(layout, new, None if changed is None else smudged)
         # The index there still holds at this cut (nothing changed): only the token moves on.
         tracker.save_token(layout, answer, recheck=smudged)
-        return WriteBack(layout.target, 0, 0, ())
+        return WriteBack(layout.target, 0, 0, (), walked)
     list_file = layout.index_file.with_suffix(".list")
     try:
         with journal.new_stage() as stage:
@@ -306,4 +309,4 @@ def resync_target(layout: TargetLayout, *, full: bool = False) -> WriteBack:
     save_index(layout, new, None if changed is None else {*changed, *dropped, *smudged})
     tracker.save_token(layout, answer, recheck={*vanished, *smudged})
     written = len(final.files) + len(patches) + len(final.dirs)
-    return WriteBack(layout.target, written, len(final.deleted), vanished)
+    return WriteBack(layout.target, written, len(final.deleted), vanished, walked)

@@ -102,6 +102,32 @@ def test_a_mount_left_in_an_ram_directory_of_asd_is_not_emptied(overlay_world: W
     assert world.asd_mounts() == []
 
 
+def test_a_mount_left_in_the_ram_copy_is_not_emptied(copy_world: World) -> None:
+    """Unsync removes copy mode's RAM copy with two rm processes, each given half of its
+    directories (`steps.remove_copy`): one of them holding a mount refuses to cross into
+    it, as a single rm would, and the next unsync, once it is gone, finishes."""
+    from asd.layout import Instance
+
+    world = copy_world
+    target = world.target("t")
+    for i in range(20):
+        (target / f"d{i:02}").mkdir()
+        (target / f"d{i:02}" / "f").write_text(f"{i}\n")
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    stray = Instance(world.conf, world.volatile).target(target).ram_copy / "d03" / "stray"
+    world.run(["sh", "-c", f"mkdir {stray} && mount -t tmpfs stray {stray}"], check=True)
+    world.run(["sh", "-c", f"echo mine > {stray}/kept"], check=True)
+    proc = world.asd("unsync")
+    assert proc.returncode == 1 and "different device" in proc.stderr, proc.stderr
+    assert world.run(["cat", f"{stray}/kept"], check=True).stdout == "mine\n"
+    assert [(target / f"d{i:02}" / "f").read_text() for i in (0, 3, 19)] == ["0\n", "3\n", "19\n"]
+    world.run(["umount", str(stray)], check=True)
+    world.asd("unsync", check=True)
+    assert inside_listdir(world, world.volatile) == []
+    assert world.asd_mounts() == []
+
+
 def world_instance(world: World) -> str:
     from asd.layout import instance_name
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from tests.integration.conftest import World
@@ -49,8 +50,10 @@ def test_resyncs_write_what_the_tracker_names(copy_world: World) -> None:
         assert manifest(target) == inside_manifest(world, target), f"round {i}: disk differs"
     idle = world.asd("--debug", "resync", check=True)
     assert "nothing changed" in idle.stdout and "looked at 0 entries" in idle.stderr
+    world.run(["sh", "-c", f"cd {target} && echo last > base/last && rm deep"], check=True)
     in_ram = inside_manifest(world, target)
-    world.asd("unsync", check=True)
+    done = world.asd("--debug", "unsync", check=True)
+    assert NAMED in done.stderr, "with nothing held, unsync's write-back walked"
     assert manifest(target) == in_ram
     assert world.trackers() == [], "the tracker outlived unsync"
 
@@ -126,3 +129,63 @@ def test_a_file_written_through_a_mapping_that_is_gone_by_the_resync(copy_world:
     assert NAMED in done.stderr and "wrote 1 changed entries" in done.stdout, done.stdout
     assert (target / "store").read_bytes()[:6] == b"mapped"
     world.asd("unsync", check=True)
+
+
+MAP_WRITE_UNMAP_HOLD = r"""
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+m[0:6] = b"mapped"
+m.close()
+print("written", flush=True)
+time.sleep(600)
+"""
+
+
+def test_unsync_walks_while_a_file_is_held(copy_world: World) -> None:
+    """A write through a mapping makes its event only when the file is closed: while a
+    program still holds it open, unsync's write-back walks (and then refuses to unmount)."""
+    world = copy_world
+    target = target_with_tree(world)
+    with open(target / "store", "wb") as fh:
+        fh.write(b"disk  " + b"\0" * 4090)
+    world.asd("sync", check=True)
+    world.asd("resync", check=True)
+    holder = world.spawn(
+        [sys.executable, "-c", MAP_WRITE_UNMAP_HOLD, str(target / "store")], capture=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == b"written\n"
+    refused = world.asd("--debug", "unsync")
+    assert refused.returncode == 1 and "in use" in refused.stderr, refused.stderr
+    assert NAMED not in refused.stderr, "unsync trusted the tracker while a file was held"
+    assert (target / "store").read_bytes()[:6] == b"mapped"
+    holder.kill()
+    holder.wait()
+    world.asd("unsync", check=True)
+    assert (target / "store").read_bytes()[:6] == b"mapped"
+
+
+def test_unsync_catches_a_write_made_just_before_the_unmount(world: World) -> None:
+    """strace holds asd at the unmount of the target for 3 s, after its last write-back; a
+    program writes a file through the target meanwhile. It is on disk after unsync."""
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    trace = world.base / "umount.trace"
+    delay = (
+        "strace", "-o", str(trace), "-P", str(target), "-e", "trace=umount2",
+        "-e", "inject=umount2:delay_enter=3000000:when=1",
+    )  # fmt: skip
+    command = [*delay, sys.executable, "-m", "asd", "-c", str(world.conf), "unsync"]
+    stopping = world.spawn(command, capture=True)
+    for _ in range(600):
+        if trace.exists() and "umount2(" in trace.read_text():
+            break
+        assert stopping.poll() is None, "unsync ended before it unmounted the target"
+        time.sleep(0.05)
+    else:
+        raise AssertionError("unsync never reached the unmount of the target")
+    world.sh(f"echo late > {target}/base/late && echo v3 >> {target}/base/edit")
+    out, err = stopping.communicate(timeout=120)
+    assert stopping.returncode == 0, err.decode()
+    assert (target / "base" / "late").read_text() == "late\n"
+    assert (target / "base" / "edit").read_text() == "v1\nv3\n"

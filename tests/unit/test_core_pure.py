@@ -53,6 +53,9 @@ def test_command_lines_are_data() -> None:
     assert coreutils.remove_tree(Path("/r/x")) == [
         "rm", "--recursive", "--force", "--one-file-system", "--", "/r/x",
     ]  # fmt: skip
+    assert coreutils.remove_tree("/a", Path("/b"))[-3:] == ["--", "/a", "/b"]
+    assert coreutils.shares(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
+    assert coreutils.shares(["a"], 2) == [["a"]], "no empty share"
     listed = rsync.copy_listed(Path("/r"), Path("/s"), Path("/l"))
     assert listed[-3:] == ["--files-from=/l", "/r/", "/s/"] and "--from0" in listed
     assert "--ignore-missing-args" in listed  # a name that vanished since the walk is no error
@@ -344,3 +347,35 @@ def test_progress_shows_what_the_command_has_read(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(OSError), progress.watching(Path("/t"), "copied", 8192, out=failed)(1):
         raise OSError("cp failed")
     assert failed.getvalue().endswith("\n") and "100 %" not in failed.getvalue()
+
+
+def test_a_frontier_covers_the_whole_tree_once(tmp_path: Path) -> None:
+    """The paths `tree.frontier` gives, removed each with all below it, leave of the tree
+    below its root only the (then empty) directories above them; no path is inside another."""
+    from asd.tree import frontier
+
+    for top in range(3):
+        (tmp_path / f"t{top}").write_text("file at the top")
+        for mid in range(4):
+            leaf = tmp_path / f"d{top}" / f"m{mid}"
+            leaf.mkdir(parents=True)
+            (leaf / "f").write_text("deep")
+            (leaf.parent / f"g{mid}").write_text("middle")
+    os.symlink("d0", tmp_path / "link-to-a-dir")
+    every = {str(p) for p in tmp_path.rglob("*")}
+    for want, depth in ((2, 3), (8, 3), (100, 3), (100, 1)):
+        parts = frontier(tmp_path, want, depth)
+        assert parts is not None
+        covered = {p for p in every if any(p == q or p.startswith(q + "/") for q in parts)}
+        above = {
+            str(a)
+            for q in parts
+            for a in Path(q).parents
+            if a != tmp_path and tmp_path in a.parents
+        }
+        assert covered | above == every and not covered & above, (want, depth)
+        assert not [q for q in parts if any(q.startswith(r + "/") for r in parts)], parts
+    assert len(frontier(tmp_path, 2, 3) or []) == 3 + 3 + 1  # the top level's entries
+    assert len(frontier(tmp_path, 8, 3) or []) == 3 + 1 + 12 + 12  # and the middle's
+    assert frontier(tmp_path, 100, 3, most=20) is None, "too many paths for the command lines"
+    assert frontier(tmp_path / "absent", 2) is None
