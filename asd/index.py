@@ -34,6 +34,7 @@ a whole index and removing the delta) is ignored: the index file is newer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -42,6 +43,7 @@ import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Set as AbstractSet
 from itertools import accumulate, chain
 from pathlib import Path
 
@@ -230,6 +232,22 @@ class Stored(MutableMapping[str, Entry]):
         other._set = dict(self._set)
         other._removed = set(self._removed)
         return other
+
+    def with_inodes(self, inodes: AbstractSet[int]) -> list[str]:
+        """The paths whose entries name one of ``inodes``: the file's inode column searched
+        by C-level calls (a few milliseconds for 200k entries), not an entry made per path."""
+        table = self._table
+        found: list[str] = []
+        if inodes and table.count:
+            column = array("q", table.ints[1::FIELDS])
+            for ino in inodes:
+                i = -1
+                with contextlib.suppress(ValueError):
+                    while True:
+                        i = column.index(ino, i + 1)
+                        found.append(table.path(i))
+        out = [k for k in found if k not in self._removed and k not in self._set]
+        return out + [k for k, e in self._set.items() if e[1] in inodes]
 
     def below(self, directory: str) -> list[str]:
         """The paths below ``directory`` (not itself), by bisection: those starting with

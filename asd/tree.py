@@ -270,6 +270,17 @@ def drop_subtrees(idx: Entries, gone: AbstractSet[str]) -> list[str]:
     return dropped
 
 
+def with_inodes(idx: Entries, inodes: AbstractSet[int]) -> list[str]:
+    """The paths whose entries name one of ``inodes``: in a dict, one pass over it; in an
+    index that can search its inode column (`index.Stored.with_inodes`), by that."""
+    if not inodes:
+        return []
+    search: Callable[[AbstractSet[int]], list[str]] | None = getattr(idx, "with_inodes", None)
+    if search is not None:
+        return search(inodes)
+    return [r for r, e in idx.items() if e[1] in inodes]
+
+
 def diff_at(old: Entries, new: Entries, changed: AbstractSet[str]) -> Changes:
     """`diff` of two indexes known to differ only at ``changed``: the same answer, at the
     cost of what changed (the entries and their directories) instead of a pass over both."""
@@ -328,7 +339,7 @@ def with_links(changes: Changes, idx: Entries) -> Changes:
     linked = {idx[r][1] for r in changes.files if r in idx and idx[r][8] > 1}
     if not linked:
         return changes
-    extra = {r for r, e in idx.items() if e[1] in linked and not is_dir(e)} - set(changes.files)
+    extra = {r for r in with_inodes(idx, linked) if not is_dir(idx[r])} - set(changes.files)
     if not extra:
         return changes
     dirs = set(changes.dirs) | {parent_of(r) for r in extra}

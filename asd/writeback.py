@@ -38,6 +38,7 @@ from asd.tree import (
     drop_subtrees,
     parent_of,
     rescan,
+    with_inodes,
     with_links,
 )
 from asd.tree import index as tree_index
@@ -121,8 +122,7 @@ def _copy_index(
         dev = os.lstat(layout.ram_copy).st_dev
         inodes = {ino for d, ino in mapped_now if d == dev}
         again = [*token.recheck]
-        if inodes:
-            again += [r for r, e in old.items() if r and e[1] in inodes]
+        again += [r for r in with_inodes(old, inodes) if r]
         touched += [(parent_of(r), r.rpartition("/")[2]) for r in again]
         new = old.copy()
         changed = rescan(layout.ram_copy, old, new, touched, EXCLUDE)
@@ -244,8 +244,7 @@ def smudge_mapped(
     elif files:
         dev = os.lstat(layout.ram_copy).st_dev
         inodes = {ino for d, ino in files if d == dev}
-        if inodes:  # a walk of the index only for mappings on the RAM copy's file system
-            rels |= {r for r, e in new.items() if e[1] in inodes and stat.S_ISREG(e[0])}
+        rels |= {r for r in with_inodes(new, inodes) if stat.S_ISREG(new[r][0])}
     smudged = {r for r in rels if r in new}
     mapped.smudge(new, smudged)
     return smudged

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from asd import index
-from asd.tree import OPAQUE, WHITEOUT_ENTRY, Entry, diff, drop_subtrees
+from asd.tree import OPAQUE, WHITEOUT_ENTRY, Entry, diff, drop_subtrees, with_inodes
 from asd.tree import index as tree_index
 
 
@@ -203,6 +203,12 @@ def test_a_stored_index_answers_as_the_dict_it_was_saved_from(tmp_path: Path) ->
         del copy["a b"]
     assert sorted(copy.below("a")) == ["a/b", "a/b/c", "a/\udcff"]  # not "a b" nor "a0"
     as_dict = dict(copy.items())
+    copy["a0"] = entry(ino=3)  # set, with the inode "a/b/c" had when saved
+    as_dict["a0"] = entry(ino=3)
+    for inodes in ({3}, {7, 99}, {1, 2, 3, 4, 5}, {12345}, set()):
+        assert sorted(with_inodes(copy, inodes)) == sorted(with_inodes(as_dict, inodes)), inodes
+    # "a/b/c" was set to inode 7 above, which "b" has had from the start
+    assert sorted(with_inodes(copy, {3, 7})) == ["a/b/c", "a0", "b"]
     assert sorted(drop_subtrees(copy, {"a", "z/y"})) == sorted(drop_subtrees(as_dict, {"a", "z/y"}))
     assert dict(copy.items()) == as_dict
     # An index of an earlier layout (paths sorted as strings, or in walk order, and no
