@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 # (kind, inode, mode, uid, gid, size, mtime_ns, ctime_ns, nlink, rdev). The kind is the file
 # type bits, plus flags an overlay's upper layer adds (`asd.upper`): a whiteout is a kind of
@@ -24,6 +25,16 @@ Index = dict[str, Entry]
 # What a resync that looks only at what changed reads and updates: a dict, or a saved index
 # searched where it lies (`index.Stored`).
 Entries = MutableMapping[str, Entry]
+
+
+@runtime_checkable
+class Searchable(Protocol):
+    """Entries that can answer these without a pass over all of them (`index.Stored`)."""
+
+    def below(self, directory: str) -> list[str]: ...
+
+    def with_inodes(self, inodes: AbstractSet[int]) -> list[str]: ...
+
 
 TYPE_BITS = 0o170000
 OPAQUE = 1 << 20
@@ -258,10 +269,9 @@ def drop_subtrees(idx: Entries, gone: AbstractSet[str]) -> list[str]:
     (`index.Stored.below`), by that. Nothing at all when ``gone`` is empty."""
     if not gone:
         return []
-    below: Callable[[str], list[str]] | None = getattr(idx, "below", None)
-    if below is not None and "" not in gone:
+    if isinstance(idx, Searchable) and "" not in gone:
         dropped = [k for g in gone for k in ([g] if g in idx else [])]
-        dropped += [k for g in gone for k in below(g)]
+        dropped += [k for g in gone for k in idx.below(g)]
     else:
         prefixes = tuple(f"{g}/" for g in gone if g)
         dropped = [k for k in idx if "" in gone or k in gone or k.startswith(prefixes)]
@@ -275,9 +285,8 @@ def with_inodes(idx: Entries, inodes: AbstractSet[int]) -> list[str]:
     index that can search its inode column (`index.Stored.with_inodes`), by that."""
     if not inodes:
         return []
-    search: Callable[[AbstractSet[int]], list[str]] | None = getattr(idx, "with_inodes", None)
-    if search is not None:
-        return search(inodes)
+    if isinstance(idx, Searchable):
+        return idx.with_inodes(inodes)
     return [r for r, e in idx.items() if e[1] in inodes]
 
 

@@ -115,15 +115,22 @@ m.close()
 """
 
 
-def test_a_file_written_through_a_mapping_that_is_gone_by_the_resync(copy_world: World) -> None:
-    """No event for writes through a mapping; but the mapping's end is the file's last
-    close, which is one."""
-    world = copy_world
+def synced_with_a_store(world: World) -> Path:
+    """A synced target holding ``store`` (4 KiB, "disk" at its start), resynced once through
+    the tracker, so the next write-back can rest on it."""
     target = target_with_tree(world)
     with open(target / "store", "wb") as fh:
         fh.write(b"disk  " + b"\0" * 4090)
     world.asd("sync", check=True)
     world.asd("resync", check=True)
+    return target
+
+
+def test_a_file_written_through_a_mapping_that_is_gone_by_the_resync(copy_world: World) -> None:
+    """No event for writes through a mapping; but the mapping's end is the file's last
+    close, which is one."""
+    world = copy_world
+    target = synced_with_a_store(world)
     world.run([sys.executable, "-c", MAP_WRITE_UNMAP, str(target / "store")], check=True)
     done = world.asd("--debug", "resync", check=True)
     assert NAMED in done.stderr and "wrote 1 changed entries" in done.stdout, done.stdout
@@ -146,11 +153,7 @@ def test_unsync_walks_while_a_file_is_held(copy_world: World) -> None:
     """A write through a mapping makes its event only when the file is closed: while a
     program still holds it open, unsync's write-back walks (and then refuses to unmount)."""
     world = copy_world
-    target = target_with_tree(world)
-    with open(target / "store", "wb") as fh:
-        fh.write(b"disk  " + b"\0" * 4090)
-    world.asd("sync", check=True)
-    world.asd("resync", check=True)
+    target = synced_with_a_store(world)
     holder = world.spawn(
         [sys.executable, "-c", MAP_WRITE_UNMAP_HOLD, str(target / "store")], capture=True
     )
