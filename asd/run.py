@@ -9,6 +9,7 @@ exit code, stdout and stderr.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
 import os
@@ -33,6 +34,26 @@ class Result:
     exit_code: int
     stdout: str
     stderr: str
+
+
+# Arguments are mostly paths, and a path on Linux is bytes: a name that is not UTF-8 (a
+# target in Latin-1, say) reaches Python as surrogate escapes, as `os.fsdecode` makes them.
+# sh encodes every argument with the codec its ``_encoding`` names, in strict mode; this one
+# gives back the very bytes, as `os.fsencode` would, and decodes output the same way.
+FS_CODEC = "asd_fs"
+
+
+def _fs_codec(name: str) -> codecs.CodecInfo | None:
+    if name != FS_CODEC:
+        return None
+    return codecs.CodecInfo(
+        lambda text, errors="strict": codecs.utf_8_encode(text, "surrogateescape"),
+        lambda data, errors="strict": codecs.utf_8_decode(data, "surrogateescape", True),
+        name=FS_CODEC,
+    )
+
+
+codecs.register(_fs_codec)
 
 
 def fd_path(fd: int) -> str:
@@ -94,6 +115,7 @@ def run(
         "_tty_out": False,
         "_ok_code": list(ok_codes),
         "_return_cmd": True,
+        "_encoding": FS_CODEC,
         "_decode_errors": "surrogateescape",
     }
     if pass_fds:

@@ -88,6 +88,7 @@ class World:
             self._enter(argv),
             capture_output=True,
             text=True,
+            errors="surrogateescape",  # a path in the output may not be UTF-8
             env=full_env,
             cwd=REPO,
             check=False,

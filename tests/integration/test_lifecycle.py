@@ -102,6 +102,27 @@ def test_a_mount_left_in_an_ram_directory_of_asd_is_not_emptied(overlay_world: W
     assert world.asd_mounts() == []
 
 
+def test_a_target_whose_own_path_is_not_utf8(world: World) -> None:
+    """A path is bytes: a target named in Latin-1 is synced, resynced and unsynced like any
+    other (every command asd runs gets it as the very bytes; sh would otherwise refuse it)."""
+    target = world.target(os.fsdecode(b"caf\xe9"))
+    (target / "f").write_text("on disk\n")
+    for i in range(20):  # enough directories for the RAM copy's removal to be shared
+        (target / f"d{i:02}").mkdir()
+        (target / f"d{i:02}" / os.fsdecode(b"\xe9t\xe9")).write_text(f"{i}\n")
+    mode = "yes" if world.overlay else "no"
+    conf = f'WHATTOSYNC=(\'{target}\')\nVOLATILE="{world.volatile}"\nUSE_OVERLAYFS="{mode}"\n'
+    world.conf.write_bytes(os.fsencode(conf))
+    world.asd("sync", check=True)
+    world.sh(f"echo in RAM >> '{target}/f' && rm -r '{target}/d07'")
+    world.asd("resync", check=True)
+    in_ram = inside_manifest(world, target)
+    world.asd("unsync", check=True)
+    assert manifest(target) == in_ram
+    assert (target / "f").read_text() == "on disk\nin RAM\n" and not (target / "d07").exists()
+    assert inside_listdir(world, world.volatile) == [] and world.asd_mounts() == []
+
+
 def test_a_mount_left_in_the_ram_copy_is_not_emptied(copy_world: World) -> None:
     """Unsync removes copy mode's RAM copy with two rm processes, each given half of its
     directories (`steps.remove_copy`): one of them holding a mount refuses to cross into

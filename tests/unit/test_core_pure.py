@@ -16,6 +16,7 @@ from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
 from asd.links import find_argv, split_files
 from asd.mounts import MountTable, overlay, parse_mountinfo, unescape
+from asd.run import FS_CODEC
 from asd.state import RunState, StateStore, locked, write_json_atomic
 from asd.steps import Step, plan_target
 from asd.sync import describe_plan, meminfo_available
@@ -54,6 +55,9 @@ def test_command_lines_are_data() -> None:
         "rm", "--recursive", "--force", "--one-file-system", "--", "/r/x",
     ]  # fmt: skip
     assert coreutils.remove_tree("/a", Path("/b"))[-3:] == ["--", "/a", "/b"]
+    latin = os.fsdecode(b"/srv/caf\xe9")  # a path is bytes: sh gets back the very ones
+    assert latin.encode(FS_CODEC) == b"/srv/caf\xe9"
+    assert b"\xe9t\xc3\xa9".decode(FS_CODEC) == os.fsdecode(b"\xe9t\xc3\xa9")
     assert coreutils.shares(["a", "b", "c", "d", "e"], 2) == [["a", "c", "e"], ["b", "d"]]
     assert coreutils.shares(["a"], 2) == [["a"]], "no empty share"
     listed = rsync.copy_listed(Path("/r"), Path("/s"), Path("/l"))
