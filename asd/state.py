@@ -71,6 +71,10 @@ class RunState:
     actions: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     # Overlay mode: what the last resync did with each target's RAM layer (`asd.shrink`).
     ram: dict[str, str] = field(default_factory=dict)
+    # Targets shown from RAM since their sync finished: their RAM copy is whole and may hold
+    # writes the disk copy lacks, so it is written back before it is taken down, whatever
+    # took the target's bind mount away (`asd.sync.Engine.retire`).
+    served: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     pid: int = field(default_factory=os.getpid)
 
@@ -81,6 +85,7 @@ class RunState:
             "config": self.config,
             "actions": self.actions,
             "ram": self.ram,
+            "served": self.served,
             "started": self.started,
             "pid": self.pid,
         }
@@ -89,14 +94,22 @@ class RunState:
     def from_json(cls, data: dict[str, Any]) -> RunState:
         if data.get("version") != STATE_VERSION:
             raise StateError(f"run state has unknown version {data.get('version')!r}")
+        actions = {k: list(v) for k, v in data.get("actions", {}).items()}
         return cls(
             status=str(data["status"]),
             config=dict(data["config"]),
-            actions={k: list(v) for k, v in data.get("actions", {}).items()},
+            actions=actions,
             ram={str(k): str(v) for k, v in data.get("ram", {}).items()},
+            served=[str(t) for t in data["served"]] if "served" in data else served(actions),
             started=float(data.get("started", 0.0)),
             pid=int(data.get("pid", 0)),
         )
+
+
+def served(actions: dict[str, list[dict[str, str]]]) -> list[str]:
+    """A run state written before ``served`` was recorded: a target whose sync finished (its
+    bind mount is in the record) counts as served."""
+    return [t for t, steps in actions.items() if any(a["kind"] == "bind-target" for a in steps)]
 
 
 class StateStore:

@@ -49,6 +49,11 @@ class Engine:
         steps.undo(step, lazy=lazy)
 
     def undo_target(self, state: RunState, target: str, *, lazy: bool = False) -> None:
+        """Take the target down. The caller has written its RAM copy back, or it has nothing
+        the disk copy lacks (`retire`)."""
+        if target in state.served:
+            state.served.remove(target)
+            self.store.save(state)
         for raw in reversed(state.actions.get(target, [])):
             step = Step.from_json(raw)
             self.undo_step(step, lazy=lazy)
@@ -74,8 +79,20 @@ class Engine:
         """After an interrupted run on this boot: keep targets being served, undo the rest."""
         for target in list(state.actions):
             if not self.complete(state, target):
-                self.warn(f"{target}: undoing what an interrupted run of asd left half done")
-                self.undo_target(state, target)
+                self.retire(state, target)
+
+    def retire(self, state: RunState, target: str) -> None:
+        """Undo a target that is not (or no longer) shown from RAM. One whose sync finished is
+        written back first, walking all of its RAM copy: a program may have written to it
+        before its bind mount went (an unsync stopped after the unmount, or somebody's
+        umount), and the tracker cannot vouch for a window it may not have watched. If that
+        fails, nothing is taken down. A half-done sync's RAM copy is never written back."""
+        if target in state.served:
+            self.warn(f"{target}: no longer shown from RAM; writing its RAM copy back first")
+            self.say(resync_target(self.layout(target), full=True).describe())
+        else:
+            self.warn(f"{target}: undoing what an interrupted run of asd left half done")
+        self.undo_target(state, target)
 
     def check_target(self, layout: TargetLayout, table: MountTable) -> None:
         # A target may well be a file system of its own (/var/log on a partition); what must
@@ -164,6 +181,9 @@ class Engine:
             self.say(self.lower(step, layout))
         else:
             steps.perform(step, layout)
+            if step.kind == "bind-target":
+                state.served.append(step.target)
+                self.store.save(state)
 
     def sync(self) -> list[str]:
         require(
@@ -218,9 +238,16 @@ class Engine:
         except BaseException:
             # No success after a failure: undo this run's work on every target, newest first.
             for layout in reversed(list(plans)):
-                if str(layout.target) in state.actions:
-                    self.warn(f"{layout.target}: sync failed; undoing what this run did")
-                    self.undo_target(state, str(layout.target))
+                target = str(layout.target)
+                if target not in state.actions:
+                    continue
+                self.warn(f"{target}: sync failed; undoing what this run did")
+                try:
+                    if target in state.served:  # shown from RAM for a while: written back
+                        self.unbind(state, target)
+                    self.retire(state, target)
+                except (AsdError, OSError) as exc:
+                    self.warn(f"{target}: stays in RAM, 'asd unsync' takes it down: {exc}")
             raise
         state.status = "synced"
         self.store.save(state)
@@ -311,12 +338,9 @@ class Engine:
         for target in list(state.actions):
             layout = self.layout(target)
             lazy = bool(held.get(target))
-            actions = state.actions[target]
-            top = Step.from_json(actions[-1])
-            if top.kind == "bind-target":
-                self.undo_step(top, lazy=lazy)
-                actions.pop()
-                self.store.save(state)
+            self.unbind(state, target, lazy=lazy)
+            # From here until undo_target, the target is served but not bound: an asd stopped
+            # in between writes it back at its next run (`retire`).
             if lazy:
                 # Late writers still see the RAM copy through their open files: catch what
                 # they wrote, then name them.
@@ -334,6 +358,15 @@ class Engine:
             done.append(target)
         self.finish()
         return done
+
+    def unbind(self, state: RunState, target: str, *, lazy: bool = False) -> None:
+        """Unmount what shows the RAM copy at the target, if asd's record still has it."""
+        actions = state.actions[target]
+        top = Step.from_json(actions[-1])
+        if top.kind == "bind-target":
+            self.undo_step(top, lazy=lazy)
+            actions.pop()
+            self.store.save(state)
 
     def finish(self) -> None:
         """Nothing is synced any more: stop the change tracker, drop the run state and asd's

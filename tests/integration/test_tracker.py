@@ -168,17 +168,25 @@ def test_unsync_walks_while_a_file_is_held(copy_world: World) -> None:
     assert (target / "store").read_bytes()[:6] == b"mapped"
 
 
-def test_unsync_catches_a_write_made_just_before_the_unmount(world: World) -> None:
-    """strace holds asd at the unmount of the target for 3 s, after its last write-back; a
-    program writes a file through the target meanwhile. It is on disk after unsync."""
-    target = target_with_tree(world)
-    world.asd("sync", check=True)
+def unsync_with_a_late_write(
+    world: World, target: Path, *, rsync_fails: bool = False
+) -> tuple[int, str]:
+    """Run unsync under strace, which holds it at the unmount of the target for 3 s, after
+    its last write-back; a program writes a file through the target meanwhile. With
+    ``rsync_fails``, rsync (which only the look after the unmount needs) exits 12."""
     trace = world.base / "umount.trace"
     delay = (
         "strace", "-o", str(trace), "-P", str(target), "-e", "trace=umount2",
         "-e", "inject=umount2:delay_enter=3000000:when=1",
     )  # fmt: skip
-    command = [*delay, sys.executable, "-m", "asd", "-c", str(world.conf), "unsync"]
+    env: list[str] = []
+    if rsync_fails:
+        bin_dir = world.base / "failing-bin"
+        bin_dir.mkdir()
+        (bin_dir / "rsync").write_text("#!/bin/sh\necho 'rsync: broken' >&2\nexit 12\n")
+        (bin_dir / "rsync").chmod(0o755)
+        env = ["env", f"PATH={bin_dir}:{os.environ['PATH']}"]
+    command = [*env, *delay, sys.executable, "-m", "asd", "-c", str(world.conf), "unsync"]
     stopping = world.spawn(command, capture=True)
     for _ in range(600):
         if trace.exists() and "umount2(" in trace.read_text():
@@ -189,6 +197,14 @@ def test_unsync_catches_a_write_made_just_before_the_unmount(world: World) -> No
         raise AssertionError("unsync never reached the unmount of the target")
     world.sh(f"echo late > {target}/base/late && echo v3 >> {target}/base/edit")
     out, err = stopping.communicate(timeout=120)
-    assert stopping.returncode == 0, err.decode()
+    return stopping.returncode, err.decode(errors="replace")
+
+
+def test_unsync_catches_a_write_made_just_before_the_unmount(world: World) -> None:
+    """The write made between the last write-back and the unmount is on disk after unsync."""
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    code, err = unsync_with_a_late_write(world, target)
+    assert code == 0, err
     assert (target / "base" / "late").read_text() == "late\n"
     assert (target / "base" / "edit").read_text() == "v1\nv3\n"

@@ -241,6 +241,29 @@ def test_state_roundtrip_and_lock(tmp_path: Path) -> None:
     assert inst.lock_file.read_text() == ""
 
 
+def test_served_targets_are_recorded_and_read_from_an_older_state(tmp_path: Path) -> None:
+    def action(kind: str, target: str) -> dict[str, str]:
+        return {"kind": kind, "target": target, "path": target, "source": ""}
+
+    inst = Instance(Path("/etc/x.conf"), Path("/tmp"), run_dir=tmp_path / "run")
+    store = StateStore(inst)
+    state = RunState("synced", {})
+    state.actions = {"/a": [action("copy", "/a"), action("bind-target", "/a")]}
+    state.actions["/b"] = [action("copy", "/b")]  # a sync stopped half way
+    state.served = ["/a"]
+    store.save(state)
+    loaded = store.load()
+    assert loaded is not None and loaded.served == ["/a"]
+    # A state written before "served" existed: a target counts as served when its bind
+    # mount is in the record (an unsync stopped after the unmount cannot be told from a
+    # half-done sync there).
+    older = state.to_json()
+    del older["served"]
+    assert RunState.from_json(older).served == ["/a"]
+    state.served = []
+    assert RunState.from_json(state.to_json()).served == []
+
+
 def test_holders_reads_a_proc_tree(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     p = proc / "4242"

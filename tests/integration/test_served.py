@@ -1,0 +1,80 @@
+"""A target whose RAM copy asd took down other than by a clean unsync: the unsync stopped
+after the target's unmount, somebody unmounted it by hand, or a sync failed after it served
+the target for a while. Whatever a program wrote to it is on disk once it is gone."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import World
+from tests.integration.manifest import manifest
+from tests.integration.test_lifecycle import inside_manifest
+from tests.integration.test_tracker import target_with_tree, unsync_with_a_late_write
+
+
+@pytest.mark.parametrize("then", ["unsync", "sync"])
+def test_a_failed_look_after_the_unmount_loses_nothing(world: World, then: str) -> None:
+    """The look after the unmount fails (rsync broken): unsync fails and keeps the RAM copy;
+    the next unsync, or a sync, writes it back before taking it down."""
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    code, err = unsync_with_a_late_write(world, target, rsync_fails=True)
+    assert code != 0 and "rsync" in err, err
+    assert not (target / "base" / "late").exists(), "the late write reached the disk anyway"
+    again = world.asd(then, check=True)
+    if then == "sync":
+        assert "base/late" in inside_manifest(world, target), "the sync lost the late write"
+        world.asd("unsync", check=True)
+    assert (target / "base" / "late").read_text() == "late\n"
+    assert (target / "base" / "edit").read_text() == "v1\nv3\n"
+    assert "writing its RAM copy back first" in again.stderr
+
+
+def test_a_target_unmounted_by_hand_is_written_back_first(world: World) -> None:
+    """Somebody unmounts the target's bind mount: unsync writes the RAM copy back, then
+    takes it down."""
+    target = target_with_tree(world)
+    world.asd("sync", check=True)
+    world.sh(f"echo by-hand > {target}/base/hand")
+    in_ram = inside_manifest(world, target)
+    world.sh(f"umount {target}")
+    done = world.asd("unsync", check=True)
+    assert (target / "base" / "hand").read_text() == "by-hand\n"
+    assert manifest(target) == in_ram
+    assert "writing its RAM copy back first" in done.stderr
+
+
+def test_a_sync_that_fails_later_writes_back_what_it_served(copy_world: World) -> None:
+    """Two targets: the first is served, then copying the second fails (cp exits 1 after
+    3 s, meanwhile a program writes to the first). The sync undoes both, the write on disk."""
+    world = copy_world
+    first = target_with_tree(world)
+    second = world.target("second")
+    (second / "f").write_text("f\n")
+    world.write_conf(first, second)
+    waiting = world.base / "cp-waiting"
+    bin_dir = world.base / "slow-bin"
+    bin_dir.mkdir()
+    (bin_dir / "cp").write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *{second}*) touch {waiting}; sleep 3; echo "cp: broken" >&2; exit 1;; esac\n'
+        'exec /usr/bin/cp "$@"\n'
+    )
+    (bin_dir / "cp").chmod(0o755)
+    env = ["env", f"PATH={bin_dir}:{os.environ['PATH']}"]
+    syncing = world.spawn([*env, sys.executable, "-m", "asd", "-c", str(world.conf), "sync"])
+    for _ in range(600):
+        if waiting.exists():
+            break
+        assert syncing.poll() is None, "the sync ended before it copied the second target"
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the sync never copied the second target")
+    world.sh(f"echo meanwhile > {first}/base/meanwhile")
+    assert syncing.wait(timeout=120) != 0
+    assert world.asd_mounts() == [], "the failed sync left mounts"
+    assert (first / "base" / "meanwhile").read_text() == "meanwhile\n"
