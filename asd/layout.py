@@ -26,7 +26,8 @@ from pathlib import Path
 DEFAULT_CONFIG = Path("/etc/asd.conf")
 RUN_DIR = Path("/run/asd")
 WORK_NAME = ".asd-work"
-KEPT = frozenset({"lower", "lower.json"})  # what of WORK_NAME outlives a session (`asd.lower`)
+# What of WORK_NAME outlives a session (`asd.lower`): the tree, its record, its cache tag.
+KEPT = frozenset({"lower", "lower.json", "CACHEDIR.TAG"})
 SNAPSHOT_MARK = "-backup_asd-crashrecovery-"
 
 

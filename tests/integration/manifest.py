@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any
 
 SKIP_TOP = {".asd-work"}
-KEPT = {"lower", "lower.json"}  # asd.layout.KEPT, spelled out: the tests say what they expect
+KEPT = {
+    "lower",
+    "lower.json",
+    "CACHEDIR.TAG",
+}  # asd.layout.KEPT, spelled out: the tests say what they expect
 
 
 def asd_left(target: Path) -> list[str]:

@@ -48,6 +48,14 @@ def test_a_clean_stop_keeps_the_tree_and_the_next_sync_reuses_it(overlay_world: 
     assert manifest(target) == in_ram
     assert set(os.listdir(target / ".asd-work")) == KEPT, "only the lower tree and its record"
     assert world.asd_mounts() == []
+    # Tagged as a cache: a backup with tar --exclude-caches takes none of the tree.
+    tag = (target / ".asd-work" / "CACHEDIR.TAG").read_text()
+    assert tag.startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+    archived = world.run(
+        ["sh", "-c", f"tar -c --exclude-caches -f - -C {target} . | tar -t"], check=True
+    ).stdout.splitlines()
+    assert "./.asd-work/CACHEDIR.TAG" in archived and "./.asd-work/lower.json" not in archived
+    assert not [n for n in archived if n.startswith("./.asd-work/lower/")]
 
     # While asd is stopped the directory is the user's: change it.
     (target / "many/d3/f").write_text("changed while asd was stopped")  # in place
