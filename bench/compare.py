@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
-PHASES = ("sync", "resync", "idle_resync", "resync_again", "unsync")
+PHASES = ("sync", "resync", "idle_resync", "resync_again", "unsync", "read_resync")
 
 
 def cell(run: dict[str, Any] | None, phase: str) -> str:
