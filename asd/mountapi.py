@@ -45,6 +45,8 @@ FSMOUNT_CLOEXEC = 1
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 MS_PRIVATE = 1 << 18
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR__ATIME = 0x70  # the atime field: cleared before one of its values is set
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
 
@@ -129,23 +131,31 @@ def attach(mount_fd: int, path: Path, *, beneath: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def bind(source_fd: int, target_fd: int, shown: Path, *, private: bool = False) -> Iterator[int]:
+def bind(
+    source_fd: int, target_fd: int, shown: Path, *, private: bool = False, noatime: bool = False
+) -> Iterator[int]:
     """Bind-mount the directory ``source_fd`` is open on over the one ``target_fd`` is open
     on (``shown`` names it in messages), as ``mount --bind`` does, but without looking a name
     up again: mount(8) turns a ``/proc/self/fd`` name back into a path, which someone who
     can write to a parent directory could swap before its mount call. ``private``: the new
-    mount neither sends nor receives mount events (``--make-private``). Yields the new
-    mount's descriptor (for `detach`)."""
+    mount neither sends nor receives mount events (``--make-private``). ``noatime``: reads
+    through it leave atimes alone (``-o noatime``, this mount only). Yields the new mount's
+    descriptor (for `detach`)."""
     flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH
     with descriptor(_call(f"open_tree for {shown}", SYS_OPEN_TREE, source_fd, b"", flags)) as fd:
+        if noatime:
+            _set_attr(fd, shown, MountAttr(attr_set=MOUNT_ATTR_NOATIME, attr_clr=MOUNT_ATTR__ATIME))
         moved = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
         _call(f"move_mount to {shown}", SYS_MOVE_MOUNT, fd, b"", target_fd, b"", moved)
         if private:  # once attached: attaching below a shared mount makes it shared
-            attr = MountAttr(propagation=MS_PRIVATE)
-            size = ctypes.sizeof(attr)
-            what = f"mount_setattr {shown}"
-            _call(what, SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), size)
+            _set_attr(fd, shown, MountAttr(propagation=MS_PRIVATE))
         yield fd
+
+
+def _set_attr(mount_fd: int, shown: Path, attr: MountAttr) -> None:
+    size = ctypes.sizeof(attr)
+    what = f"mount_setattr {shown}"
+    _call(what, SYS_MOUNT_SETATTR, mount_fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), size)
 
 
 def detach(mount_fd: int, shown: Path) -> None:

@@ -41,6 +41,8 @@ class Step:
             "mark": f"write asd's session marker in {self.path}",
             "mkdir": f"create directory {self.path}",
             "bind-backup": f"bind-mount {self.source} at {self.path} (the disk copy), private",
+            "bind-disk": f"bind-mount {self.source} at {self.path} (the disk copy), private, "
+            "noatime (asd's reads of it move no atime)",
             "ram-dir": f"create the RAM directory {self.path} (root-only parents)",
             "copy": f"copy {self.source} into RAM at {self.path}",
             "lower": f"build the overlay's lower tree {self.path} (hard links to "
@@ -65,7 +67,11 @@ def plan_target(layout: TargetLayout, overlay: bool) -> list[Step]:
         Step("recover", t, t),
         Step("mkdir", t, str(layout.backup), t),
         Step("mark", t, t),
-        Step("bind-backup", t, str(layout.backup), t),
+        # Copy mode: only asd reads the disk copy, at each sync all of it; through a noatime
+        # mount, so that with relatime (atimes a day old move on the next read) a sync does
+        # not write every file's inode. In overlay mode programs read the lower files, whose
+        # atimes then move as they would without asd.
+        Step("bind-backup" if overlay else "bind-disk", t, str(layout.backup), t),
     ]
     if overlay:
         steps += [
@@ -158,8 +164,9 @@ def perform(step: Step, layout: TargetLayout) -> None:
             finally:
                 os.close(fd)
         os.rename(tmp, path)
-    elif step.kind == "bind-backup":
-        bind_pinned(Path(step.source), path, ours=True, private=True)
+    elif step.kind in ("bind-backup", "bind-disk"):
+        noatime = step.kind == "bind-disk"
+        bind_pinned(Path(step.source), path, ours=True, private=True, noatime=noatime)
     elif step.kind == "ram-dir":
         secure_ram_root(layout.instance.ram_root)
         path.mkdir(mode=0o700, parents=True)
@@ -182,14 +189,16 @@ def refresh_lower(step: Step, layout: TargetLayout) -> lower.Refresh:
     return lower.refresh(Path(step.source), Path(step.path), layout.lower_record, {WORK_NAME})
 
 
-def bind_pinned(source: Path, path: Path, *, ours: bool = False, private: bool = False) -> None:
+def bind_pinned(
+    source: Path, path: Path, *, ours: bool = False, private: bool = False, noatime: bool = False
+) -> None:
     """Bind-mount ``source`` on ``path``, both `pinned`; then ``path`` must show the new mount.
     If someone swapped the name meanwhile, the mount went onto the directory asd checked,
     wherever it is now: asd takes it off again and stops."""
     with (
         pinned(source) as source_fd,
         pinned(path, ours=ours) as path_fd,
-        mountapi.bind(source_fd, path_fd, path, private=private) as mount_fd,
+        mountapi.bind(source_fd, path_fd, path, private=private, noatime=noatime) as mount_fd,
     ):
         shown, mounted = os.stat(path), os.fstat(mount_fd)
         if (shown.st_dev, shown.st_ino) != (mounted.st_dev, mounted.st_ino):
@@ -220,7 +229,7 @@ def copy_in(source: Path, ram_copy: Path, target: Path) -> None:
 def undo(step: Step, *, lazy: bool = False) -> None:
     """Take back what `perform` did for ``step``; what did not happen is skipped."""
     path = Path(step.path)
-    if step.kind in ("bind-backup", "overlay", "bind-target"):
+    if step.kind in ("bind-backup", "bind-disk", "overlay", "bind-target"):
         if MountTable.read().is_mountpoint(path):
             mountapi.take_off(path, lazy=lazy)
     elif step.kind == "beneath":

@@ -10,7 +10,9 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 
+from asd.layout import backup_path
 from tests.integration.conftest import CHANGES, World, populate
 from tests.integration.manifest import asd_left, manifest
 
@@ -401,3 +403,21 @@ def test_target_that_is_a_file_system_of_its_own(world: World) -> None:
         assert not (target / "f").exists(), "data landed below the target's file system"
     finally:
         world.run(["umount", str(target)])
+
+
+def test_copy_mode_reads_the_disk_without_moving_atimes(copy_world: World) -> None:
+    """Copy mode's reads of the disk copy (the copy into RAM at each sync) go through a
+    noatime bind mount: with relatime, the first read of a file whose atime is a day old
+    would write its inode, every file at every boot. Nobody else reads through it."""
+    world = copy_world
+    target = world.target("var/cache/app")
+    old = target / "old"
+    old.write_text("read a while ago\n")
+    day_ago = time.time_ns() - 3 * 86_400 * 10**9
+    os.utime(old, ns=(day_ago, day_ago - 10**9))
+    world.write_conf(target)
+    world.asd("sync", check=True)
+    assert "noatime" in world.sh(f"findmnt -no OPTIONS {backup_path(target)}").stdout
+    assert (world.sh(f"cat {target}/old").stdout) == "read a while ago\n"
+    world.asd("unsync", check=True)
+    assert os.stat(old).st_atime_ns == day_ago, "asd's copy moved the atime"
