@@ -334,7 +334,6 @@ class Engine:
             )
         state.status = "unsyncing"
         self.store.save(state)
-        done = []
         for target in list(state.actions):
             layout = self.layout(target)
             lazy = bool(held.get(target))
@@ -354,7 +353,13 @@ class Engine:
                 late = resync_target(layout)
                 if late.changes or late.deleted:
                     self.say(late.describe())
-            self.undo_target(state, target, lazy=lazy)
+        # Every target is written back and no longer shown: the tracker has nothing left to
+        # tell, and while its mark is on VOLATILE every file removed below makes an event
+        # (a fifth of the time rm takes for 200k files).
+        tracker.stop(self.instance)
+        done = []
+        for target in list(state.actions):
+            self.undo_target(state, target, lazy=bool(held.get(target)))
             done.append(target)
         self.finish()
         return done

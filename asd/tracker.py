@@ -283,7 +283,10 @@ class Tracker:
                 with conn:
                     if self.answer(conn, events, mount_fd) == "stop":
                         self.unlink(path, bound)
-                        conn.sendall(b"stopped\n")  # the socket is gone before unsync goes on
+                        # The socket and the mark are gone before unsync goes on: the mark
+                        # would make an event of each file unsync then removes.
+                        os.close(events)
+                        conn.sendall(b"stopped\n")
                         break
             if not readable and not self.instance.state_file.exists():
                 self.unlink(path, bound)

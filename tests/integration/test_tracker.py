@@ -208,3 +208,20 @@ def test_unsync_catches_a_write_made_just_before_the_unmount(world: World) -> No
     assert code == 0, err
     assert (target / "base" / "late").read_text() == "late\n"
     assert (target / "base" / "edit").read_text() == "v1\nv3\n"
+
+
+def test_unsync_stops_the_tracker_before_it_removes_the_ram_copy(copy_world: World) -> None:
+    """Each file removed while the tracker's mark is on VOLATILE makes an event: unsync asks
+    the tracker to stop (it closes the mark before it answers) before rm runs."""
+    world = copy_world
+    target_with_tree(world)
+    world.asd("sync", check=True)
+    trace = world.base / "unsync.trace"
+    strace = ("strace", "-f", "-o", str(trace), "-s", "16", "-e", "trace=sendto,execve")
+    world.asd("unsync", check=True, prefix=strace)
+    lines = trace.read_text().splitlines()
+    stop = [i for i, line in enumerate(lines) if "sendto(" in line and '"stop\\n"' in line]
+    rm = [i for i, line in enumerate(lines) if "execve(" in line and "/rm" in line]
+    assert stop and rm, "no stop request or no rm in the trace"
+    assert stop[0] < rm[0], "rm ran while the tracker still watched"
+    assert world.trackers() == []
