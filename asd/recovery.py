@@ -126,10 +126,17 @@ def keep_times_beside(target: Path) -> None:
 
 
 def clear_session(target: Path) -> None:
-    """A clean stop: finish a committed write-back if one is pending, then drop the journal."""
+    """A clean stop: finish a committed write-back if one is pending, then drop the journal.
+    With the marker already gone, an earlier stop was cut short after it removed the journal
+    (asd killed, the machine still up): the target's times may be that removal's, and the
+    mount point beside holds the right ones (`keep_times_beside`)."""
     journal = Journal(target)
     if os.path.lexists(journal.record):
         journal.apply()
+    backup = backup_path(target)
+    if not was_unclean(target) and os.path.isdir(backup) and not os.path.islink(backup):
+        remove_work(target, times_from=backup, keep=KEPT)
+        return
     keep_times_beside(target)
     remove_work(target, keep=KEPT)
 

@@ -101,6 +101,34 @@ def test_crash_during_resync_with_type_changes(world: World) -> None:
     record("crash points", f"resync with type changes ({mode})", [len(points), len(chosen)])
 
 
+def test_asd_killed_during_unsync_then_unsync_again(world: World) -> None:
+    """asd dies at a point of unsync but the machine does not: its mounts and RAM copies
+    stay. The next unsync writes back whatever a target still shows or served (`retire`)
+    and takes everything down: the disk holds what programs saw, and nothing is left."""
+    target = fresh_target(world)
+    world.asd("sync", check=True)
+    world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
+    points = count_points(world, "unsync")
+    chosen = sample(list(points), 4)
+    for point in chosen:
+        target = fresh_target(world)
+        world.asd("sync", check=True)
+        world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
+        shown = inside_manifest(world, target)
+        crash_at(world, point, "unsync")  # type: ignore[arg-type]
+        again = world.asd("unsync")
+        assert again.returncode == 0, f"unsync after a kill at {point}: {again.stderr}"
+        assert manifest(target) == shown, f"kill at {point}: {differences(shown, manifest(target))}"
+        assert world.asd_mounts() == [], f"kill at {point} left mounts"
+        no_litter(target)
+    mode = "overlay" if world.overlay else "copy"
+    record(
+        "crash points",
+        f"asd killed during unsync, mounts kept ({mode})",
+        [len(points), len(chosen)],
+    )
+
+
 def save(world: World) -> Path:
     saved = world.base / "saved"
     shutil.rmtree(saved, ignore_errors=True)
