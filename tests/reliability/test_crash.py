@@ -129,6 +129,38 @@ def test_asd_killed_during_unsync_then_unsync_again(world: World) -> None:
     )
 
 
+@pytest.mark.parametrize("then", ["sync", "unsync"])
+def test_asd_killed_during_sync_then_again(world: World, then: str) -> None:
+    """asd dies at a point of sync, the machine does not. The next sync finishes the job
+    (the target then shows the disk copy), or the next unsync takes down what was done; the
+    disk copy is the same throughout and nothing is left after an unsync."""
+    fresh_target(world)
+    points = count_points(world, "sync")
+    world.asd("unsync", check=True)
+    chosen = sample(list(points), 3)
+    for point in chosen:
+        target = fresh_target(world)
+        on_disk = manifest(target)
+        crash_at(world, point, "sync")  # type: ignore[arg-type]
+        again = world.asd(then)
+        if "no run state" in again.stderr:  # killed before it recorded anything
+            assert then == "unsync" and world.asd_mounts() == [], again.stderr
+        else:
+            assert again.returncode == 0, f"{then} after a kill at {point}: {again.stderr}"
+        if then == "sync":
+            assert inside_manifest(world, target) == on_disk, f"kill at {point}: not shown"
+            world.asd("unsync", check=True)
+        assert manifest(target) == on_disk, (
+            f"kill at {point}: {differences(on_disk, manifest(target))}"
+        )
+        assert world.asd_mounts() == [], f"kill at {point} left mounts"
+        no_litter(target)
+    mode = "overlay" if world.overlay else "copy"
+    record(
+        "crash points", f"asd killed during sync, then {then} ({mode})", [len(points), len(chosen)]
+    )
+
+
 def save(world: World) -> Path:
     saved = world.base / "saved"
     shutil.rmtree(saved, ignore_errors=True)
