@@ -229,12 +229,17 @@ class Engine:
             for layout in todo:
                 self.hardlinks(layout)
             self.budget(todo)
-        synced: list[str] = []
+        # Every RAM copy is made before any target's sync point is taken: the first index
+        # starts copy mode's change tracker, which would take each file copied for a later
+        # target for a change, more of them than it keeps (the first resync would walk).
+        point = {layout: [s.kind for s in plan].index("index") for layout, plan in plans.items()}
         try:
             for layout, plan in plans.items():
-                for step in plan[1:]:
+                for step in plan[1 : point[layout]]:
                     self.execute(step, state)
-                synced.append(str(layout.target))
+            for layout, plan in plans.items():
+                for step in plan[point[layout] :]:
+                    self.execute(step, state)
         except BaseException:
             # No success after a failure: undo this run's work on every target, newest first.
             for layout in reversed(list(plans)):
@@ -251,7 +256,7 @@ class Engine:
             raise
         state.status = "synced"
         self.store.save(state)
-        return synced
+        return [str(layout.target) for layout in plans]
 
     # ----- resync -----------------------------------------------------------------------
     def running_state(self) -> RunState:

@@ -4,7 +4,6 @@ the target for a while. Whatever a program wrote to it is on disk once it is gon
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -49,31 +48,28 @@ def test_a_target_unmounted_by_hand_is_written_back_first(world: World) -> None:
 
 
 def test_a_sync_that_fails_later_writes_back_what_it_served(copy_world: World) -> None:
-    """Two targets: the first is served, then copying the second fails (cp exits 1 after
-    3 s, meanwhile a program writes to the first). The sync undoes both, the write on disk."""
+    """Two targets: the first is served, then the bind mount of the second fails (strace
+    holds it 3 s, then makes it fail with EPERM; meanwhile a program writes to the first).
+    The sync undoes both, the write on disk."""
     world = copy_world
     first = target_with_tree(world)
     second = world.target("second")
     (second / "f").write_text("f\n")
     world.write_conf(first, second)
-    waiting = world.base / "cp-waiting"
-    bin_dir = world.base / "slow-bin"
-    bin_dir.mkdir()
-    (bin_dir / "cp").write_text(
-        "#!/bin/sh\n"
-        f'case "$*" in *{second}*) touch {waiting}; sleep 3; echo "cp: broken" >&2; exit 1;; esac\n'
-        'exec /usr/bin/cp "$@"\n'
-    )
-    (bin_dir / "cp").chmod(0o755)
-    env = ["env", f"PATH={bin_dir}:{os.environ['PATH']}"]
-    syncing = world.spawn([*env, sys.executable, "-m", "asd", "-c", str(world.conf), "sync"])
+    trace = world.base / "bind.trace"
+    fail = (
+        "strace", "-o", str(trace), "-P", str(second), "-e", "trace=move_mount",
+        "-e", "inject=move_mount:error=EPERM:delay_enter=3000000:when=1",
+    )  # fmt: skip
+    syncing = world.spawn([*fail, sys.executable, "-m", "asd", "-c", str(world.conf), "sync"])
     for _ in range(600):
-        if waiting.exists():
+        if trace.exists() and "move_mount(" in trace.read_text():
             break
-        assert syncing.poll() is None, "the sync ended before it copied the second target"
+        assert syncing.poll() is None, "the sync ended before it bound the second target"
         time.sleep(0.05)
     else:
-        raise AssertionError("the sync never copied the second target")
+        raise AssertionError("the sync never bound the second target")
+    assert world.mounted_at(first) > 0, "the first target is not served while the second binds"
     world.sh(f"echo meanwhile > {first}/base/meanwhile")
     assert syncing.wait(timeout=120) != 0
     assert world.asd_mounts() == [], "the failed sync left mounts"

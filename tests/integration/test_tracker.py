@@ -225,3 +225,23 @@ def test_unsync_stops_the_tracker_before_it_removes_the_ram_copy(copy_world: Wor
     assert stop and rm, "no stop request or no rm in the trace"
     assert stop[0] < rm[0], "rm ran while the tracker still watched"
     assert world.trackers() == []
+
+
+def test_a_second_targets_copy_is_not_news_to_the_first(copy_world: World) -> None:
+    """Two targets, the second of 101 000 files: the tracker starts once every RAM copy is
+    made. Started with the first target's index, it saw each file copied for the second
+    as a change, more than a period keeps (`tracker.MAX_NAMES`), and the first target's
+    resync then walked its whole RAM copy."""
+    world = copy_world
+    first = target_with_tree(world)
+    second = world.target("second")
+    for d in range(101):
+        (second / f"d{d}").mkdir()
+        for f in range(1000):
+            (second / f"d{d}" / f"f{f}").touch()  # no data: VOLATILE is small here
+    world.write_conf(first, second)
+    world.asd("sync", check=True)
+    done = world.asd("--debug", "resync", check=True)
+    for target in (first, second):
+        assert f"{target}: looked at 0 {NAMED}" in done.stderr, done.stderr[-2000:]
+    world.asd("unsync", check=True)
