@@ -5,14 +5,13 @@ the target for a while. Whatever a program wrote to it is on disk once it is gon
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
 
 from tests.integration.conftest import World
 from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
-from tests.integration.test_tracker import target_with_tree, unsync_with_a_late_write
+from tests.integration.test_tracker import held_at, target_with_tree, unsync_with_a_late_write
 
 
 @pytest.mark.parametrize("then", ["unsync", "sync"])
@@ -62,13 +61,7 @@ def test_a_sync_that_fails_later_writes_back_what_it_served(copy_world: World) -
         "-e", "inject=move_mount:error=EPERM:delay_enter=3000000:when=1",
     )  # fmt: skip
     syncing = world.spawn([*fail, sys.executable, "-m", "asd", "-c", str(world.conf), "sync"])
-    for _ in range(600):
-        if trace.exists() and "move_mount(" in trace.read_text():
-            break
-        assert syncing.poll() is None, "the sync ended before it bound the second target"
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the sync never bound the second target")
+    held_at(trace, "move_mount", syncing)
     assert world.mounted_at(first) > 0, "the first target is not served while the second binds"
     world.sh(f"echo meanwhile > {first}/base/meanwhile")
     assert syncing.wait(timeout=120) != 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -168,6 +169,16 @@ def test_unsync_walks_while_a_file_is_held(copy_world: World) -> None:
     assert (target / "store").read_bytes()[:6] == b"mapped"
 
 
+def held_at(trace: Path, call: str, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until strace, writing to ``trace``, holds ``proc`` at ``call``."""
+    for _ in range(600):
+        if trace.exists() and f"{call}(" in trace.read_text():
+            return
+        assert proc.poll() is None, f"asd ended before it reached {call}"
+        time.sleep(0.05)
+    raise AssertionError(f"asd never reached {call}")
+
+
 def unsync_with_a_late_write(
     world: World, target: Path, *, rsync_fails: bool = False
 ) -> tuple[int, str]:
@@ -188,13 +199,7 @@ def unsync_with_a_late_write(
         env = ["env", f"PATH={bin_dir}:{os.environ['PATH']}"]
     command = [*env, *delay, sys.executable, "-m", "asd", "-c", str(world.conf), "unsync"]
     stopping = world.spawn(command, capture=True)
-    for _ in range(600):
-        if trace.exists() and "umount2(" in trace.read_text():
-            break
-        assert stopping.poll() is None, "unsync ended before it unmounted the target"
-        time.sleep(0.05)
-    else:
-        raise AssertionError("unsync never reached the unmount of the target")
+    held_at(trace, "umount2", stopping)
     world.sh(f"echo late > {target}/base/late && echo v3 >> {target}/base/edit")
     out, err = stopping.communicate(timeout=120)
     return stopping.returncode, err.decode(errors="replace")
