@@ -99,7 +99,9 @@ def run(
     ``/proc/self/fd/N`` paths); every other one is closed. ``watch``: entered with the
     command's pid while it runs (progress on a terminal, `asd.progress`). ``alongside``:
     called in this process while the command runs; should it raise, the command is killed
-    and waited for before the exception goes on.
+    and waited for before the exception goes on. It must not start a command itself (use
+    `run_together`): sh runs Python in the child between fork and exec, and a lock one of
+    its threads for the running command held at the fork stays locked there for good.
     """
     import sh  # here, not at the top: it pulls in asyncio, a third of `asd parse`'s time
 
@@ -157,3 +159,49 @@ def run(
     if result.exit_code != 0:
         log.debug("%s exited %d (accepted)", argv[0], result.exit_code)
     return result
+
+
+def run_together(argvs: list[list[str]]) -> None:
+    """Run ``argvs`` at once, wait for all, and raise `CommandError` for the first (in the
+    given order) that did not exit 0. They are started by `subprocess`, whose fork and exec
+    happen in C: sh runs Python in the child, and a second sh command started while the
+    first one's threads run could hang in its child before exec (an unsync hung so, waiting
+    for the second rm of its RAM copy)."""
+    import subprocess
+
+    started: list[tuple[list[str], subprocess.Popen[bytes]]] = []
+    try:
+        for argv in argvs:
+            log.debug("run: %s", shlex.join(argv))
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - argv built by asd's own argv functions, no shell
+                    [os.fsencode(a) for a in argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=command_env(),
+                )
+            except FileNotFoundError:
+                raise _not_installed(argv) from None
+            started.append((argv, proc))
+    except BaseException:
+        for _argv, proc in started:
+            proc.kill()
+            proc.wait()
+        raise
+    failed: CommandError | None = None
+    for argv, proc in started:
+        out, err = proc.communicate()
+        if proc.returncode != 0 and failed is None:
+            stdout, stderr = (b.decode("utf-8", "surrogateescape") for b in (out, err))
+            failed = (
+                CommandError(
+                    argv,
+                    proc.returncode,
+                    message=f"{argv[0]} was killed by signal {-proc.returncode}",
+                )
+                if proc.returncode < 0
+                else CommandError(argv, proc.returncode, stdout, stderr)
+            )
+    if failed is not None:
+        raise failed

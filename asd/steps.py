@@ -21,7 +21,7 @@ from asd.errors import CommandError, SafetyError
 from asd.layout import WORK_NAME, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session
-from asd.run import run
+from asd.run import run, run_together
 from asd.writeback import take_first_index
 
 
@@ -258,5 +258,5 @@ def remove_copy(path: Path) -> None:
     parts = tree.frontier(path, want=16) if (os.cpu_count() or 1) > 1 else None
     if parts and len(parts) > 1:
         first, second = coreutils.shares(parts, 2)
-        run(coreutils.remove_tree(*first), alongside=lambda: run(coreutils.remove_tree(*second)))
+        run_together([coreutils.remove_tree(*first), coreutils.remove_tree(*second)])
     run(coreutils.remove_tree(path))

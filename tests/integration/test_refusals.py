@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from asd import links, lower
-from asd.errors import SafetyError
-from asd.run import run
+from asd.errors import CommandError, SafetyError
+from asd.run import run, run_together
 from tests.integration.conftest import World, snapshot_of_v1_and_v2_in_ram
 from tests.integration.manifest import manifest
 
@@ -369,3 +369,15 @@ def test_a_failure_alongside_a_command_kills_it(tmp_path: Path) -> None:
     with pytest.raises(SafetyError, match="alongside failed"):
         run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"], alongside=fail)
     assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()  # killed and reaped
+
+
+def test_commands_run_together_at_once_and_the_first_failure_is_raised(tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    waits = ["timeout", "10", "sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.01; done"]
+    run_together([waits, ["touch", str(flag)]])  # one after the other, timeout would exit 124
+    with pytest.raises(CommandError) as failed:
+        run_together([["true"], ["sh", "-c", "echo bad >&2; exit 3"], ["sh", "-c", "exit 4"]])
+    assert failed.value.exit_code == 3 and "bad" in failed.value.stderr
+    odd = tmp_path / os.fsdecode(b"caf\xe9")  # a name that is not UTF-8, passed as its bytes
+    run_together([["touch", str(odd)]])
+    assert os.fsencode(odd.name) in os.listdir(os.fsencode(tmp_path))

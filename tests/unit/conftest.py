@@ -18,12 +18,13 @@ def _no_real_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(argv: list[str], **_: Any) -> Any:
         raise AssertionError(f"unit test tried to run a command: {argv}")
 
-    real = asd.run.run
     for info in pkgutil.iter_modules(asd.__path__, "asd."):
         if info.name != "asd.__main__":
             importlib.import_module(info.name)
-    monkeypatch.setattr(asd.run, "run", refuse)
-    # Modules that did `from asd.run import run` hold their own reference: replace it too.
-    for name, module in list(sys.modules.items()):
-        if name.startswith("asd.") and getattr(module, "run", None) is real:
-            monkeypatch.setattr(module, "run", refuse)
+    for attr in ("run", "run_together"):
+        real = getattr(asd.run, attr)
+        monkeypatch.setattr(asd.run, attr, refuse)
+        # Modules that did `from asd.run import run` hold their own reference: replace it too.
+        for name, module in list(sys.modules.items()):
+            if name.startswith("asd.") and getattr(module, attr, None) is real:
+                monkeypatch.setattr(module, attr, refuse)
