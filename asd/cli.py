@@ -187,7 +187,7 @@ def dispatch(args: argparse.Namespace, out: Output) -> int:
 
 
 def dry_run(command: str, engine: Engine, out: Output) -> int:
-    from asd.sync import describe_plan
+    from asd.steps import describe_plan
     from asd.writeback import pending
 
     state = engine.store.load()

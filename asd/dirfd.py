@@ -194,3 +194,16 @@ def syncfs(fd: int, shown: Path) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def remove_empty_tree(root: Path) -> None:
+    """Remove ``root`` if it holds nothing but empty directories."""
+    if not root.is_dir() or root.is_symlink():
+        return
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            return

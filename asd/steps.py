@@ -10,19 +10,23 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from asd import coreutils, lower, mountapi, mounts, progress, tree
 from asd.dirfd import open_set_up_dir, remove_tree, remove_unmounted
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError
-from asd.layout import WORK_NAME, TargetLayout
+from asd.layout import WORK_NAME, Instance, TargetLayout
 from asd.mounts import MountTable
 from asd.recovery import clear_session, mark_session
 from asd.run import run, run_together
 from asd.writeback import take_first_index
+
+if TYPE_CHECKING:
+    from asd.config import Config
 
 
 @dataclass(frozen=True)
@@ -260,3 +264,9 @@ def remove_copy(path: Path) -> None:
         first, second = coreutils.shares(parts, 2)
         run_together([coreutils.remove_tree(*first), coreutils.remove_tree(*second)])
     run(coreutils.remove_tree(path))
+
+
+def describe_plan(config: Config, instance: Instance) -> Iterable[str]:
+    for target in config.whattosync:
+        for step in plan_target(instance.target(target), config.use_overlayfs):
+            yield step.describe()

@@ -11,12 +11,13 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from asd import devices, index, links, lower, shrink, steps, tracker, tree, upper
 from asd.config import Config
-from asd.disks import human_size
+from asd.dirfd import remove_empty_tree
+from asd.disks import human_size, meminfo_available
 from asd.errors import AsdError, SafetyError, StateError
 from asd.holders import Holder, holders
 from asd.layout import WORK_NAME, Instance, TargetLayout
@@ -391,33 +392,3 @@ class Engine:
         with contextlib.suppress(OSError):
             os.rmdir(self.instance.index_dir)
         self.store.remove()
-
-
-def remove_empty_tree(root: Path) -> None:
-    """Remove ``root`` if it holds nothing but empty directories."""
-    if not root.is_dir() or root.is_symlink():
-        return
-    for dirpath, _dirs, files in os.walk(root, topdown=False):
-        if files:
-            return
-        try:
-            os.rmdir(dirpath)
-        except OSError:
-            return
-
-
-def meminfo_available(path: str = "/proc/meminfo") -> int | None:
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def describe_plan(config: Config, instance: Instance) -> Iterable[str]:
-    for target in config.whattosync:
-        for step in plan_target(instance.target(target), config.use_overlayfs):
-            yield step.describe()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from asd import coreutils, rsync
-from asd.disks import human_size
+from asd.disks import human_size, meminfo_available
 from asd.holders import Holder, holders
 from asd.journal import Journal
 from asd.layout import DEFAULT_CONFIG, Instance, hidden_name, instance_name
@@ -18,8 +18,7 @@ from asd.links import find_argv, split_files
 from asd.mounts import MountTable, overlay, parse_mountinfo, unescape
 from asd.run import FS_CODEC
 from asd.state import RunState, StateStore, locked, write_json_atomic
-from asd.steps import Step, plan_target
-from asd.sync import describe_plan, meminfo_available
+from asd.steps import Step, describe_plan, plan_target
 from asd.tree import Changes, diff, index
 
 MOUNTINFO = (
