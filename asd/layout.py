@@ -12,7 +12,8 @@ For a target ``/foo/bar`` and the default config:
                                     and, after a shrink, its delta ``delta.n`` over that tree.
                                     Hidden under the RAM copy while asd runs; a clean stop or
                                     the recovery at the next start removes it, all but the lower
-                                    tree and its record (``KEPT``), which the next sync reuses.
+                                    tree, its record and the last delta (as ``spare``) (``KEPT``),
+                                    which the next sync reuses.
 - ``/run/asd/<instance>.json`` and ``.lock``   run state and lock
 """
 
@@ -26,8 +27,9 @@ from pathlib import Path
 DEFAULT_CONFIG = Path("/etc/asd.conf")
 RUN_DIR = Path("/run/asd")
 WORK_NAME = ".asd-work"
-# What of WORK_NAME outlives a session (`asd.lower`): the tree, its record, its cache tag.
-KEPT = frozenset({"lower", "lower.json", "CACHEDIR.TAG"})
+# What of WORK_NAME outlives a session (`asd.lower`): the tree, its record, the last delta
+# kept as its spare links, its cache tag.
+KEPT = frozenset({"lower", "lower.json", "spare", "CACHEDIR.TAG"})
 SNAPSHOT_MARK = "-backup_asd-crashrecovery-"
 
 

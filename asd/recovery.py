@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from asd import snapshots
+from asd import lower, snapshots
 from asd.dirfd import fsync_path, open_private_dir, open_set_up_dir, remove_at, remove_tree
 from asd.errors import SafetyError, StateError
 from asd.journal import Journal
@@ -53,7 +53,8 @@ def remove_work(
     target: Path, times_from: Path | None = None, keep: frozenset[str] = frozenset()
 ) -> None:
     """Remove asd's journal directory from a plain target, all but the names in ``keep``
-    (overlay mode's lower tree, `KEPT`), keeping the target's own times: they are the last
+    (overlay mode's lower tree, `KEPT`; a session's last delta becomes the tree's spare
+    when ``keep`` has that), keeping the target's own times: they are the last
     sync point's (asd's directory coming and going is not a change). With ``times_from``,
     the target takes that directory's times instead, journal or not."""
     work = target / WORK_NAME
@@ -68,6 +69,8 @@ def remove_work(
         remove_tree(work)
     else:
         try:
+            if lower.SPARE in keep:
+                lower.keep_spare(fd)
             for name in set(os.listdir(fd)) - keep:
                 remove_at(fd, name)
             left = os.listdir(fd)

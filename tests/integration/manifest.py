@@ -11,13 +11,14 @@ SKIP_TOP = {".asd-work"}
 KEPT = {
     "lower",
     "lower.json",
+    "spare",
     "CACHEDIR.TAG",
 }  # asd.layout.KEPT, spelled out: the tests say what they expect
 
 
 def asd_left(target: Path) -> list[str]:
     """What asd left of its journal directory in a plain target, beyond what overlay mode
-    keeps for the next session (its lower tree and the tree's record)."""
+    keeps for the next session (its lower tree, the tree's record and spare links)."""
     work = target / ".asd-work"
     if not work.exists():
         return []

@@ -10,7 +10,6 @@ import re
 import time
 
 from asd import lower
-from asd.layout import KEPT
 from tests.integration.conftest import (
     CHANGES,
     World,
@@ -21,6 +20,8 @@ from tests.integration.manifest import manifest
 from tests.integration.test_lifecycle import inside_manifest
 
 WORK = frozenset({".asd-work"})
+# What a clean stop keeps when no resync gave RAM back (so no delta to keep as the spare).
+TREE = {"lower", "lower.json", "CACHEDIR.TAG"}
 
 
 def kept_sizes(said: str) -> tuple[int, int]:
@@ -46,7 +47,9 @@ def test_a_clean_stop_keeps_the_tree_and_the_next_sync_reuses_it(overlay_world: 
     in_ram = inside_manifest(world, target)
     world.asd("unsync", check=True)
     assert manifest(target) == in_ram
-    assert set(os.listdir(target / ".asd-work")) == KEPT, "only the lower tree and its record"
+    # The tree, its record, and the delta of the resync's RAM give-back (the sparse image's
+    # copy-up filled the upper layer) kept as the tree's spare links.
+    assert set(os.listdir(target / ".asd-work")) == {*TREE, "spare"}
     assert world.asd_mounts() == []
     # Tagged as a cache: a backup with tar --exclude-caches takes none of the tree.
     tag = (target / ".asd-work" / "CACHEDIR.TAG").read_text()
@@ -74,6 +77,47 @@ def test_a_clean_stop_keeps_the_tree_and_the_next_sync_reuses_it(overlay_world: 
     shown = inside_manifest(world, target)
     world.asd("unsync", check=True)
     assert manifest(target) == shown
+
+
+def test_the_last_delta_is_kept_and_its_links_moved_into_the_tree(overlay_world: World) -> None:
+    """A session that gave RAM back (asd.shrink) ends with a delta of links to what its
+    resync wrote: the stop keeps it as the tree's spare instead of removing those links, and
+    the next sync moves them into the tree. What no longer names the disk copy's file is
+    removed before the hard-link check counts links: a file renamed or replaced while asd
+    was stopped is no link to outside the target."""
+    world = overlay_world
+    target = world.target("home/u/.cache/app")
+    populate(target)
+    for n in range(4):
+        (target / f"d{n}").mkdir()
+        (target / f"d{n}/f").write_text("before")
+    world.write_conf(target)
+    time.sleep(lower.RACY_NS / 1e9 + 0.1)
+    world.asd("sync", check=True)
+    world.sh(f"for n in 0 1 2 3; do head -c 600000 /dev/urandom > {target}/d$n/f; done")
+    gave = world.asd("resync", check=True)
+    assert "of RAM back" in gave.stdout, gave.stdout
+    in_ram = inside_manifest(world, target)
+    world.asd("unsync", check=True)
+    assert manifest(target) == in_ram
+    work = target / ".asd-work"
+    assert set(os.listdir(work)) == {*TREE, "spare"}
+    for n in range(4):
+        assert os.path.samefile(work / f"spare/d{n}/f", target / f"d{n}/f")
+    os.rename(target / "d0/f", target / "d0/renamed")  # while asd is stopped
+    (target / "d1/f.new").write_text("replaced while asd was stopped")
+    os.replace(target / "d1/f.new", target / "d1/f")
+    on_disk = manifest(target)
+
+    again = world.asd("sync", check=True)
+    assert "2 moved from the last session's delta" in again.stdout, again.stdout
+    assert not os.path.lexists(work / "spare")
+    assert lower.is_mirror(target, work / "lower", WORK)
+    for rel in ("d0/renamed", "d1/f", "d2/f", "d3/f"):
+        assert os.lstat(target / rel).st_nlink == 2, rel  # its name and its twin in the tree
+    assert inside_manifest(world, target) == on_disk
+    world.asd("unsync", check=True)
+    assert manifest(target) == on_disk
 
 
 def test_copy_mode_removes_a_kept_tree(overlay_world: World) -> None:
@@ -152,7 +196,7 @@ def test_clean_deletes_a_kept_tree_but_not_one_in_use_or_beside_a_journal(
     world.run(["sh", "-c", CHANGES, "changes", str(target)], check=True)
     stopped = world.asd("unsync", check=True)
     assert "'asd clean' deletes it" in stopped.stdout
-    assert set(os.listdir(target / ".asd-work")) == KEPT
+    assert set(os.listdir(target / ".asd-work")) == TREE
     before, mtime = manifest(target), os.lstat(target).st_mtime_ns
     shown = json.loads(world.asd("parse", "--json", check=True).stdout)["targets"][0]
     assert shown["kept_lower"] == f"{target}/.asd-work/lower"
@@ -249,7 +293,7 @@ def test_restore_takes_the_kept_tree_out_of_the_directory_it_moves_aside(
     world = overlay_world
     target = snapshot_of_v1_and_v2_in_ram(world, "t")
     world.asd("unsync", check=True)
-    assert set(os.listdir(target / ".asd-work")) == KEPT
+    assert set(os.listdir(target / ".asd-work")) == TREE
     current = manifest(target)
 
     done = world.asd("restore", check=True)

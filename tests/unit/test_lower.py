@@ -191,6 +191,52 @@ def test_something_changed_in_the_tree_itself_is_put_right(
     assert lower.is_mirror(tmp_path, dst, WORK)
 
 
+def test_the_spare_gives_its_links_where_they_name_the_disk_copys_file(
+    tmp_path: Path, tick: None
+) -> None:
+    """The last session's delta, kept as the spare: a link to the file the disk copy holds at
+    that name is moved into the tree (the file keeps its two links); a link to a version
+    replaced since, one under a name that is gone, a whiteout and a directory are not, and
+    the spare is gone afterwards."""
+    make_tree(tmp_path)
+    refresh(tmp_path)
+    work = tmp_path / ".asd-work"
+    spare = work / lower.SPARE
+    for rel in ("a", "b", "c/sub", "old"):
+        (spare / rel).mkdir(parents=True)
+    for rel in ("a/f", "b/h", "top"):  # the resync replaced them: new inodes
+        (tmp_path / f"{rel}.new").write_text(f"{rel} again")
+        os.replace(tmp_path / f"{rel}.new", tmp_path / rel)
+    os.link(tmp_path / "a/f", spare / "a/f")  # the disk copy's file: moved
+    os.link(tmp_path / "top", spare / "top")  # the same, at the top
+    (spare / "b/h").write_text("a version replaced since")  # another inode: not used
+    os.mknod(spare / "c/sub/i", 0o600 | 0o020000, os.makedev(0, 0))  # a whiteout
+    (spare / "old/gone").write_text("a name that is gone")
+    moved = os.lstat(spare / "a/f").st_ino
+
+    done = refresh(tmp_path)
+    assert (done.moved, done.linked) == (2, 1), done
+    assert os.lstat(work / "lower/a/f").st_ino == moved
+    assert os.lstat(tmp_path / "a/f").st_nlink == 2 and os.lstat(tmp_path / "top").st_nlink == 2
+    assert not os.path.lexists(spare)
+    assert lower.is_mirror(tmp_path, work / "lower", WORK)
+    assert "2 moved from the last session's delta" in done.describe()
+
+
+def test_a_stop_keeps_the_newest_delta_as_the_spare(tmp_path: Path) -> None:
+    for name in ("delta.2", "delta.10", "delta.x", "lower"):
+        (tmp_path / name).mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        lower.keep_spare(fd)
+        assert sorted(os.listdir(tmp_path)) == ["delta.2", "delta.x", "lower", "spare"]
+        (tmp_path / "delta.11").mkdir()
+        lower.keep_spare(fd)  # one is kept already: the caller removes the delta
+        assert sorted(os.listdir(tmp_path)) == ["delta.11", "delta.2", "delta.x", "lower", "spare"]
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("spoil", ["missing", "garbage", "readable", "other-directory", "tree"])
 def test_a_record_that_cannot_be_trusted_means_building_from_nothing(
     tmp_path: Path, tick: None, spoil: str
