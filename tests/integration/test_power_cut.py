@@ -244,6 +244,23 @@ def test_crash_during_sync(world: World) -> None:
     assert run_scenario(world, ("sync",), plain) > 0
 
 
+def stopped_with_a_spare(world: World, target: Path) -> tuple[dict[str, object], dict[str, object]]:
+    """A session whose resyncs gave RAM back, stopped cleanly: its last delta is kept as the
+    lower tree's spare (asd.lower); then a file is renamed while asd is stopped, so the next
+    sync both moves spare links into the tree and removes one that no longer fits."""
+    synced_changed_and_large(world, target)
+    world.asd("resync", check=True)
+    world.asd("unsync", check=True)
+    assert (target / ".asd-work" / "spare").is_dir(), "no delta was kept"
+    os.rename(target / "large.bin", target / "large-renamed.bin")
+    m = manifest(target)
+    return m, m
+
+
+def test_crash_during_sync_that_moves_spare_links(overlay_world: World) -> None:
+    assert run_scenario(overlay_world, ("sync",), stopped_with_a_spare) > 0
+
+
 def test_crash_during_unsync(world: World) -> None:
     assert run_scenario(world, ("unsync",), synced_and_changed) > 0
 

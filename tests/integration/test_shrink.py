@@ -328,6 +328,44 @@ def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: W
     assert world.asd_mounts() == []
 
 
+@pytest.mark.parametrize("then", ["unsync", "resync"])
+def test_a_waiting_switch_uncovered_by_somebodys_umount_loses_nothing(
+    overlay_world: World, then: str
+) -> None:
+    """A switch waits (a file was held); the holder goes, and somebody unmounts the target by
+    hand: the new overlay waiting beneath now shows, and programs write into it. The next
+    asd run finishes the switch first, so what they wrote is written back, not dropped with
+    the layer asd takes down."""
+    world = overlay_world
+    target = synced_and_changed(world)
+    holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
+    try:
+        wait_until_open(world, holder.pid)
+        proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
+        assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 3  # one waits
+    world.sh(f"umount '{target}'")
+    world.sh(
+        f"echo 'into the layer beneath' > '{target}/uncovered' && echo x >> '{target}/app.log'"
+    )
+    view = inside_manifest(world, target)
+    assert view["uncovered"]["data"] == b"into the layer beneath\n"  # type: ignore[index]
+    assert "uncovered" not in manifest(target)
+    world.asd(then, check=True)
+    if then == "resync":
+        assert manifest(target) == view
+        assert inside_manifest(world, target) == view
+        # The switch is done: what was written beneath is the new layer's (under 1 MiB, kept).
+        assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 2
+        world.asd("unsync", check=True)
+    assert manifest(target) == view
+    assert world.asd_mounts() == []
+    assert asd_left(target) == []
+
+
 SWAPPED = r"""
 import os, runpy, sys
 from pathlib import Path
