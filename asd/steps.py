@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from asd import coreutils, lower, mountapi, mounts, progress, tree
-from asd.dirfd import open_set_up_dir, remove_tree, remove_unmounted
+from asd.dirfd import open_private_dir, open_set_up_dir, remove_tree, remove_unmounted
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError
 from asd.layout import WORK_NAME, Instance, TargetLayout
@@ -190,7 +190,22 @@ def perform(step: Step, layout: TargetLayout) -> None:
 
 def refresh_lower(step: Step, layout: TargetLayout) -> lower.Refresh:
     """The "lower" step: overlay mode's lower tree made to mirror the disk copy."""
-    return lower.refresh(Path(step.source), Path(step.path), layout.lower_record, {WORK_NAME})
+    with own_work(layout) as work:
+        dst, record = work / Path(step.path).name, work / layout.lower_record.name
+        return lower.refresh(Path(step.source), dst, record, {WORK_NAME})
+
+
+@contextlib.contextmanager
+def own_work(layout: TargetLayout) -> Iterator[Path]:
+    """asd's journal directory in the disk copy, checked to be root's own and reached through
+    its descriptor while the caller works in it: the disk copy's owner can rename anything in
+    it, ``.asd-work`` too, and put a directory or a symlink of theirs in its place. The lower
+    tree is built, and removed, only in the directory asd made."""
+    fd = open_private_dir(layout.disk_work)
+    try:
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def bind_pinned(

@@ -150,7 +150,8 @@ class Engine:
 
         split = links.linked_outside_while(Path(step.source), frozenset({WORK_NAME}), mirror)
         if split:
-            lower.discard(layout.lower, layout.lower_record)  # asd's own, not the user's
+            with steps.own_work(layout) as work:  # asd's own, not the user's
+                lower.discard(work / layout.lower.name, work / layout.lower_record.name)
             self.refuse_split(layout, split)
         return f"{layout.target}: {done[0].describe()}"
 

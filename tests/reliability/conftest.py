@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from tests.integration.conftest import REPO, World, copy_world, world
+from tests.integration.conftest import REPO, World, copy_world, overlay_world, world
 
-__all__ = ["copy_world", "world", "World", "FULL", "record", "sample", "OUT"]
+__all__ = ["copy_world", "overlay_world", "world", "World", "FULL", "record", "sample", "OUT"]
 
 FULL = os.environ.get("ASD_RELIABILITY") == "full"
 OUT = REPO / "out" / "reliability.json"

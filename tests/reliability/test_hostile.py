@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -342,6 +343,46 @@ def test_journal_swapped_for_a_symlink_while_resync_stages(world: World) -> None
         assert held.returncode == 1 and b".asd-work" in err, (out, err)
     outcome = "refused at commit" if held.returncode else "completed through its descriptors"
     record("hostile", f"journal dir swapped for a symlink during resync ({mode(world)})", outcome)
+
+
+def test_journal_swapped_for_a_symlink_before_the_lower_tree_is_built(
+    overlay_world: World,
+) -> None:
+    """Overlay mode: after asd made .asd-work and mounted the disk copy beside the target, the
+    owner puts a symlink to a root directory in its place, one that holds names the lower
+    tree uses (lower/, lower.json, spare/). asd builds, removes and moves links only in the
+    directory it made, so it refuses; nothing of root's is removed or written."""
+    world = overlay_world
+    target = user_target(world)
+    f, d = canaries(world)
+    for name in ("lower", "spare"):
+        (d / name).mkdir()
+        (d / name / "keep").write_text("root's\n")
+    (d / "lower.json").write_text("root's\n")
+    before = manifest(d)
+    world.write_conf(target)
+    backup = target.parent / ".t-backup_asd"
+    # Hold asd 3 s as the disk copy's bind mount is attached (the first move_mount of sync):
+    # the window between making .asd-work and building the tree, made wide.
+    hold: tuple[str, ...] = ("strace", "-o", "/dev/null", "-e", "trace=move_mount")
+    hold += ("-e", "inject=move_mount:delay_exit=3000000:when=1")
+    held = world.spawn([*hold, *world_asd_argv(world, "sync")], capture=True)
+    deadline = time.monotonic() + 60
+    while not world.mounted_at(backup):
+        assert time.monotonic() < deadline, "the disk copy was never mounted"
+        time.sleep(0.02)
+    swapped = as_user(
+        world, 'mv "$1" "$1.moved" && ln -s "$2" "$1"', str(target / ".asd-work"), str(d)
+    )
+    assert swapped.returncode == 0, swapped.stderr
+    out, err = held.communicate(timeout=120)
+    assert manifest(d) == before, f"asd removed or wrote in {d} through the user's symlink"
+    assert_canaries(f, d)
+    assert held.returncode == 1, (out, err)
+    assert b"is not asd's own journal directory" in err, err
+    assert world.asd_mounts() == [], "the refused sync left mounts"
+    assert (target / "docs" / "a.txt").read_text() == "user data\n"
+    record("hostile", "journal dir swapped for a symlink before the lower tree", "refused")
 
 
 def test_symlinks_out_of_a_user_target_stay_links(world: World) -> None:
