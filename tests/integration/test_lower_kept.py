@@ -116,8 +116,15 @@ def test_the_last_delta_is_kept_and_its_links_moved_into_the_tree(overlay_world:
     for rel in ("d0/renamed", "d1/f", "d2/f", "d3/f"):
         assert os.lstat(target / rel).st_nlink == 2, rel  # its name and its twin in the tree
     assert inside_manifest(world, target) == on_disk
+    world.sh(f"head -c 2000000 /dev/urandom > {target}/d2/f")
+    assert "of RAM back" in world.asd("resync", check=True).stdout
+    shown = inside_manifest(world, target)
     world.asd("unsync", check=True)
-    assert manifest(target) == on_disk
+    assert manifest(target) == shown
+    # What package removal runs: the spare goes with the tree.
+    assert "spare" in os.listdir(work)
+    world.asd("clean", "--lower-trees", check=True)
+    assert not os.path.lexists(work) and manifest(target) == shown
 
 
 def test_copy_mode_removes_a_kept_tree(overlay_world: World) -> None:
