@@ -8,11 +8,13 @@ it leaves the disk copy of the last resync and nothing of asd.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,7 @@ def test_a_power_cut_after_a_switch_leaves_the_last_resync_on_disk(
 
 WINDOW = r"""
 import os, runpy, sys
+from collections.abc import Iterator
 from pathlib import Path
 from asd import shrink
 target, conf = Path(sys.argv[1]), sys.argv[2]
@@ -298,15 +301,27 @@ runpy.run_module("asd", run_name="__main__")
 """
 
 
-def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: World) -> None:
-    world = overlay_world
-    target = synced_and_changed(world)
+@contextlib.contextmanager
+def a_switch_left_waiting(world: World, target: Path) -> Iterator[None]:
+    """A program opens docs/a.txt just after the resync looked for holders (`RACED`): the
+    switch to the next RAM layer waits, its overlay attached beneath. The program is killed
+    when the block ends."""
     holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
     try:
         wait_until_open(world, holder.pid)
         proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
         assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
         assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 3  # one waits
+        yield
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+
+
+def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: World) -> None:
+    world = overlay_world
+    target = synced_and_changed(world)
+    with a_switch_left_waiting(world, target):
         world.sh(f"echo 'while pending' >> '{target}/docs/a.txt' && echo p > '{target}/pend'")
         view = inside_manifest(world, target)
         # Still held: the resync writes what the target shows, and the switch still waits.
@@ -315,9 +330,6 @@ def test_a_file_opened_just_before_the_switch_leaves_it_pending(overlay_world: W
         assert manifest(target) == view
         said = parse_json(world)["targets"][0]["ram_given_back"]  # type: ignore[index]
         assert "in use" in str(said), said
-    finally:
-        os.killpg(holder.pid, 9)
-        holder.wait()
     world.asd("resync", check=True)
     assert inside_manifest(world, target) == view
     assert manifest(target) == view
@@ -338,15 +350,9 @@ def test_a_waiting_switch_uncovered_by_somebodys_umount_loses_nothing(
     the layer asd takes down."""
     world = overlay_world
     target = synced_and_changed(world)
-    holder = world.spawn(["sh", "-c", f"exec 3>>'{target}/docs/a.txt'; exec sleep 300"])
-    try:
-        wait_until_open(world, holder.pid)
-        proc = world.run([sys.executable, "-c", RACED, str(world.conf)], check=True)
-        assert "not given back yet" in proc.stdout, proc.stdout + proc.stderr
-    finally:
-        os.killpg(holder.pid, 9)
-        holder.wait()
-    assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 3  # one waits
+    with a_switch_left_waiting(world, target):
+        pass
+    assert len([m for m in world.asd_mounts() if "asd-overlay" in m]) == 3  # still waits
     world.sh(f"umount '{target}'")
     world.sh(
         f"echo 'into the layer beneath' > '{target}/uncovered' && echo x >> '{target}/app.log'"
@@ -368,6 +374,7 @@ def test_a_waiting_switch_uncovered_by_somebodys_umount_loses_nothing(
 
 SWAPPED = r"""
 import os, runpy, sys
+from collections.abc import Iterator
 from pathlib import Path
 from asd import delta
 backup, conf = Path(sys.argv[1]), sys.argv[2]
@@ -414,6 +421,7 @@ def test_a_directory_swapped_for_a_symlink_during_the_delta_is_refused(
 
 REDIRECTED = r"""
 import os, runpy, sys
+from collections.abc import Iterator
 from pathlib import Path
 from asd import carry, shrink
 target, conf, outside = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -462,6 +470,7 @@ def test_the_carry_over_never_writes_through_a_symlink_made_in_the_new_layer(
 
 TWICE = r"""
 import os, runpy, sys
+from collections.abc import Iterator
 from pathlib import Path
 from asd import carry, conflict, shrink
 target, conf = Path(sys.argv[1]), sys.argv[2]
@@ -580,6 +589,7 @@ def test_an_earlier_version_that_cannot_be_saved_keeps_the_old_layer(overlay_wor
 
 BEFORE_KEEP = r"""
 import runpy, sys
+from collections.abc import Iterator
 from pathlib import Path
 from asd import shrink
 target, conf = Path(sys.argv[1]), sys.argv[2]
@@ -637,6 +647,7 @@ def test_unsync_force_while_a_switch_waits_leaves_nothing_behind(overlay_world: 
 
 CARRY_FAILS = r"""
 import runpy, sys
+from collections.abc import Iterator
 from pathlib import Path
 from asd import rsync, shrink
 target, conf = Path(sys.argv[1]), sys.argv[2]
