@@ -48,7 +48,7 @@ from asd import carry, coreutils, delta, index, mapped, mountapi, upper
 from asd.dirfd import open_private_dir, remove_at, remove_unmounted
 from asd.dirmeta import O_DIR, dir_metadata, set_dir_metadata
 from asd.disks import human_size
-from asd.errors import AsdError
+from asd.errors import AsdError, SafetyError
 from asd.holders import holders
 from asd.layout import TargetLayout
 from asd.mounts import Mount, MountTable, is_layer_of
@@ -152,6 +152,16 @@ def shrink_target(
     except OSError as exc:
         _remove_generation(nxt)
         return Shrink(layout.target, "kept", used, f"{exc.strerror}; {KERNEL}")
+    with _disk_dirs(layout) as (_disk_fd, work_fd):
+        own = upper.mounted_over(nxt.upper, Path(f"/proc/self/fd/{work_fd}") / nxt.delta.name)
+    if not own:
+        os.close(made)  # never attached: dropped
+        _remove_generation(nxt)
+        raise SafetyError(
+            f"{layout.disk_work} was replaced while asd made the next RAM layer of "
+            f"{layout.target}, which would have shown something else; it was dropped and the "
+            "target keeps its RAM. Someone who can write to the target did this: look at it"
+        )
     actions = state.actions[str(layout.target)]
     step = Step("beneath", str(layout.target), str(layout.target), str(nxt.upper))
     with mountapi.descriptor(made) as fd:

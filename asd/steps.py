@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from asd import coreutils, lower, mountapi, mounts, progress, tree
+from asd import coreutils, lower, mountapi, mounts, progress, tree, upper
 from asd.dirfd import open_private_dir, open_set_up_dir, remove_tree, remove_unmounted
 from asd.dirmeta import dir_metadata, set_dir_metadata
 from asd.errors import CommandError, SafetyError
@@ -179,9 +179,19 @@ def perform(step: Step, layout: TargetLayout) -> None:
     elif step.kind == "overlay":
         layout.upper.mkdir(mode=0o700)
         layout.overlay_work.mkdir(mode=0o700)
-        # The merged view's root takes the upper's owner, mode and xattrs: give it the target's.
-        set_dir_metadata(layout.upper, dir_metadata(Path(step.source)))
-        run(mounts.overlay(Path(step.source), layout.upper, layout.overlay_work, path))
+        with own_work(layout) as work:
+            tree = work / layout.lower.name
+            # The merged view's root takes the upper's owner, mode and xattrs: the target's.
+            set_dir_metadata(layout.upper, dir_metadata(tree))
+            run(mounts.overlay(Path(step.source), layout.upper, layout.overlay_work, path))
+            if not upper.mounted_over(layout.upper, tree):
+                mountapi.take_off(path)
+                raise SafetyError(
+                    f"{layout.disk_work} was replaced while asd mounted the overlay of "
+                    f"{layout.target}, which then showed something else (now taken off "
+                    "again). Someone who can write to the target did this: look at it, and "
+                    "run asd again"
+                )
     elif step.kind == "index":
         take_first_index(layout)
     elif step.kind == "bind-target":

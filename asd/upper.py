@@ -136,6 +136,23 @@ def _may_have_other_names(layout: TargetLayout, rel: str) -> bool:
     return False
 
 
+def mounted_over(upper_dir: Path, lower_dir: Path) -> bool:
+    """Whether the overlay just mounted with the new, empty ``upper_dir`` took ``lower_dir``
+    as its topmost lower layer. asd names its layers by path, under a ``.asd-work`` that the
+    target's owner can rename and replace; with index=on the kernel records the root of the
+    layer it did take as the upper root's origin (a file handle), which this compares with
+    ``lower_dir`` (reached through asd's own descriptor). A file system without file handles
+    records no origin and gives nothing to compare: true."""
+    handle = _file_handle(lower_dir)
+    if not handle:
+        return True
+    try:
+        origin = os.getxattr(upper_dir, ORIGIN_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return origin[5 + 16 :] == handle
+
+
 class _FileHandle(ctypes.Structure):
     _fields_ = [
         ("handle_bytes", ctypes.c_uint),

@@ -200,6 +200,64 @@ def test_what_is_written_during_the_switch_reaches_the_new_layer(overlay_world: 
     assert manifest(target) == view
 
 
+SWAPPED_LAYERS = r"""
+import os, runpy, sys
+from pathlib import Path
+from asd import mountapi
+backup, elsewhere, conf = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+overlay = mountapi.overlay
+
+def swapped_meanwhile(lowers, upper, work, options):
+    # The target's owner renames .asd-work and puts a symlink to a directory holding the
+    # same names in its place as asd gives the next layer's lowers by path, and puts the
+    # names back right after: only the layer the kernel took can tell.
+    os.rename(backup / ".asd-work", backup / ".asd-work.moved")
+    os.symlink(elsewhere, backup / ".asd-work")
+    try:
+        return overlay(lowers, upper, work, options)
+    finally:
+        os.unlink(backup / ".asd-work")
+        os.rename(backup / ".asd-work.moved", backup / ".asd-work")
+
+mountapi.overlay = swapped_meanwhile
+sys.argv = ["asd", "-c", conf, "resync"]
+runpy.run_module("asd", run_name="__main__")
+"""
+
+
+def test_a_journal_swapped_as_the_next_layer_is_made_keeps_the_ram(overlay_world: World) -> None:
+    world = overlay_world
+    target = synced_and_changed(world)
+    elsewhere = world.base / "elsewhere"
+    for name in ("delta.1", "lower"):
+        (elsewhere / name).mkdir(parents=True)
+        (elsewhere / name / "planted").write_text("not asd's\n")
+    planted = manifest(elsewhere)
+    before = world.asd_mounts()
+    backup = target.parent / ".t-backup_asd"
+    argv = [sys.executable, "-c", SWAPPED_LAYERS, str(backup), str(elsewhere), str(world.conf)]
+    proc = world.run(argv)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "was replaced while asd made the next RAM layer" in proc.stderr, proc.stderr
+    view = inside_manifest(world, target)
+    assert "planted" not in view
+    on_disk = manifest(target)
+    # The owner's renames moved the disk copy's mtime behind asd's back: the root's times are
+    # not compared.
+    on_disk.pop("."), view.pop(".")
+    assert on_disk == view, "the resync's write-back was not done"
+    assert world.asd_mounts() == before and upper_bytes(world) >= 3 * MIB
+    assert manifest(elsewhere) == planted
+    assert not [p for p in (target / ".asd-work").iterdir() if p.name.startswith("delta")]
+    world.asd("resync", check=True)  # the next one gives the RAM back
+    view = inside_manifest(world, target)
+    assert upper_bytes(world) < 64 * 1024 and "planted" not in view
+    world.asd("unsync", check=True)
+    on_disk = manifest(target)
+    on_disk.pop("."), view.pop(".")
+    assert on_disk == view
+
+
 OLD_KERNEL = r"""
 import errno, runpy, sys
 from asd import mountapi

@@ -385,6 +385,44 @@ def test_journal_swapped_for_a_symlink_before_the_lower_tree_is_built(
     record("hostile", "journal dir swapped for a symlink before the lower tree", "refused")
 
 
+def test_journal_swapped_for_a_symlink_as_the_overlay_is_mounted(overlay_world: World) -> None:
+    """Overlay mode: after the lower tree is built, as mount(8) is about to mount the overlay
+    that names it by path, the owner puts a symlink to a root directory in place of
+    .asd-work, whose lower/ is root's and closed to them. The overlay would show that
+    directory at the target; asd compares the layer the kernel took (the upper root's
+    origin) with its own tree, takes the overlay off and refuses."""
+    from asd.layout import Instance
+
+    world = overlay_world
+    target = user_target(world)
+    f, d = canaries(world)
+    (d / "lower").mkdir(mode=0o700)
+    (d / "lower" / "a root-only name").write_text("root's\n")
+    before = manifest(d)
+    world.write_conf(target)
+    layout = Instance(world.conf, world.volatile).target(target)
+    mount = world.sh("command -v mount").stdout.strip()
+    # Hold mount(8)'s start 3 s: the window between the tree and the mount, made wide.
+    hold: tuple[str, ...] = ("strace", "-f", "-o", "/dev/null", "-P", mount)
+    hold += ("-e", "trace=execve", "-e", "inject=execve:delay_enter=3000000")
+    held = world.spawn([*hold, *world_asd_argv(world, "sync")], capture=True)
+    world.run(
+        ["sh", "-c", f"for i in $(seq 600); do [ -d {layout.upper} ] && exit; sleep 0.02; done"],
+        check=True,
+    )
+    swapped = as_user(
+        world, 'mv "$1" "$1.moved" && ln -s "$2" "$1"', str(target / ".asd-work"), str(d)
+    )
+    assert swapped.returncode == 0, swapped.stderr
+    out, err = held.communicate(timeout=120)
+    assert held.returncode == 1, (out, err)
+    assert b"was replaced while asd mounted the overlay" in err, err
+    assert world.asd_mounts() == [], "the overlay over root's directory stayed"
+    assert manifest(d) == before, f"asd changed {d}"
+    assert_canaries(f, d)
+    record("hostile", "journal dir swapped for a symlink as the overlay is mounted", "refused")
+
+
 def test_symlinks_out_of_a_user_target_stay_links(world: World) -> None:
     """Links to root's files inside a user's target: resync, unsync, the crash snapshot and
     restore keep them as links and never write to, chmod or read through them."""
