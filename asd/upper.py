@@ -141,16 +141,14 @@ def mounted_over(upper_dir: Path, lower_dir: Path) -> bool:
     as its topmost lower layer. asd names its layers by path, under a ``.asd-work`` that the
     target's owner can rename and replace; with index=on the kernel records the root of the
     layer it did take as the upper root's origin (a file handle), which this compares with
-    ``lower_dir`` (reached through asd's own descriptor). A file system without file handles
-    records no origin and gives nothing to compare: true."""
-    handle = _file_handle(lower_dir)
-    if not handle:
-        return True
+    ``lower_dir`` (reached through asd's own descriptor). Where the kernel cannot index (a
+    layer's file system without file handles or a UUID, as NFS) it records no origin, and
+    there is nothing to compare: true."""
     try:
         origin = os.getxattr(upper_dir, ORIGIN_XATTR, follow_symlinks=False)
     except OSError:
-        return False
-    return origin[5 + 16 :] == handle
+        return True
+    return origin[5 + 16 :] == _file_handle(lower_dir)
 
 
 class _FileHandle(ctypes.Structure):
