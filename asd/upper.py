@@ -142,8 +142,8 @@ def mounted_over(upper_dir: Path, lower_dir: Path) -> bool:
     target's owner can rename and replace; with index=on the kernel records the root of the
     layer it did take as the upper root's origin (a file handle), which this compares with
     ``lower_dir`` (reached through asd's own descriptor). Where the kernel cannot index (a
-    layer's file system without file handles or a UUID, as NFS) it records no origin, and
-    there is nothing to compare: true."""
+    layer's file system without file handles or a UUID) it records no origin, and there is
+    nothing to compare: true."""
     try:
         origin = os.getxattr(upper_dir, ORIGIN_XATTR, follow_symlinks=False)
     except OSError:
