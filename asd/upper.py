@@ -48,6 +48,9 @@ from asd.tree import (
 EXCLUDE = frozenset({WORK_NAME})
 OPAQUE_XATTR = "trusted.overlay.opaque"
 ORIGIN_XATTR = "trusted.overlay.origin"
+# The origin xattr: version, magic, length, flags, handle type, the layer's UUID, then the
+# file handle itself (what name_to_handle_at gives).
+ORIGIN_HANDLE_AT = 5 + 16
 REDIRECT_XATTR = "trusted.overlay.redirect"
 
 
@@ -123,7 +126,7 @@ def _may_have_other_names(layout: TargetLayout, rel: str) -> bool:
         st = os.lstat(below)
     except OSError:
         return True  # renamed on copy-up: its origin is elsewhere
-    if st.st_nlink > 2 or origin[5 + 16 :] != _file_handle(below):
+    if st.st_nlink > 2 or origin[ORIGIN_HANDLE_AT:] != _file_handle(below):
         return True
     if st.st_nlink == 2:
         # One lower name and the disk copy's, or two lower names once resyncs replaced the
@@ -148,7 +151,7 @@ def mounted_over(upper_dir: Path, lower_dir: Path) -> bool:
         origin = os.getxattr(upper_dir, ORIGIN_XATTR, follow_symlinks=False)
     except OSError:
         return True
-    return origin[5 + 16 :] == _file_handle(lower_dir)
+    return origin[ORIGIN_HANDLE_AT:] == _file_handle(lower_dir)
 
 
 class _FileHandle(ctypes.Structure):
